@@ -1,0 +1,38 @@
+# cellsynergy-workflow: paired H&E + expression -> frozen unimodal embeddings -> ten fusion methods
+# -> linear and spatial probes -> SIS tables and figures. See README.md.
+
+
+configfile: "config/config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/prepare.smk"
+include: "rules/embed.smk"
+include: "rules/align.smk"
+include: "rules/probe.smk"
+include: "rules/sis.smk"
+include: "rules/figures.smk"
+
+
+localrules:
+    all,
+    collect_probes,
+    collect_spatial,
+    sis,
+    figure_probe_scores,
+    figure_sis_heatmap,
+    figure_spatial_rings,
+
+
+rule all:
+    input:
+        final_targets(),
+
+
+rule figures:
+    """Rebuild only the figures (and the tables they read) from cached results."""
+    input:
+        [f for f in final_targets() if "/figures/" in f],

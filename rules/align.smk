@@ -1,0 +1,42 @@
+rule align:
+    """Train one fusion method on the paired GEX/IMG embeddings and write the fused embedding Z3."""
+    input:
+        gex=lambda wc: embedding_file(wc.dataset, "gex"),
+        img=lambda wc: embedding_file(wc.dataset, "img"),
+    output:
+        z3="results/{dataset}/aligned/{method}/seed{seed}.parquet",
+        model="results/{dataset}/aligned/{method}/seed{seed}.pt",
+        history="results/{dataset}/aligned/{method}/seed{seed}.history.tsv",
+    params:
+        train=lambda wc: json.dumps(training_params(wc.method)),
+        device=config["training"]["device"],
+    log:
+        "logs/{dataset}/align_{method}_seed{seed}.log",
+    threads: config["training"]["threads"]
+    resources:
+        gpu=method_gpu,
+        mem_mb=8000,
+        runtime=120,
+    group:
+        "align"
+    shell:
+        "python -m workflow_scripts.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
+        " --seed {wildcards.seed} --params {params.train:q} --out {output.z3} --model {output.model}"
+        " --history {output.history} --device {params.device} --threads {threads} --log {log}"
+
+
+rule random_baseline:
+    """Random N(0, 1) embedding with the dimension of [IMG ‖ GEX] (the reference's `random` baseline)."""
+    input:
+        gex=lambda wc: embedding_file(wc.dataset, "gex"),
+        img=lambda wc: embedding_file(wc.dataset, "img"),
+    output:
+        z3="results/{dataset}/aligned/random/seed{seed}.parquet",
+        model="results/{dataset}/aligned/random/seed{seed}.pt",
+        history="results/{dataset}/aligned/random/seed{seed}.history.tsv",
+    log:
+        "logs/{dataset}/align_random_seed{seed}.log",
+    shell:
+        "python -m workflow_scripts.align --method random --gex {input.gex} --img {input.img}"
+        " --seed {wildcards.seed} --params '{{}}' --out {output.z3} --model {output.model}"
+        " --history {output.history} --device cpu --threads 1 --log {log}"

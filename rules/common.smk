@@ -1,0 +1,129 @@
+# Config loading, schema validation, wildcard constraints and the helpers that build paths and targets.
+import json
+
+from snakemake.utils import min_version, validate
+
+from workflow_scripts.data import input_files as _dataset_input_files
+from workflow_scripts.encoders import get_encoder
+
+min_version("9.0")
+
+
+validate(config, schema="../config/config.schema.yaml")
+
+DATASETS = list(config.get("run_datasets") or config["datasets"])
+_unknown = [d for d in DATASETS if d not in config["datasets"]]
+if _unknown:
+    raise ValueError(f"config key run_datasets names datasets {_unknown} that are not under `datasets:`")
+METHODS = list(config["methods"])
+BASELINES = list(config["baselines"])
+EMBEDDINGS = METHODS + BASELINES
+SEEDS = [int(s) for s in config["seeds"]]
+MODALITIES = ["gex", "img"]
+
+
+wildcard_constraints:
+    dataset="|".join(config["datasets"]),
+    method="|".join(["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]),
+    embedding="|".join(["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat", "unimodal_gex", "unimodal_img", "random"]),
+    modality="gex|img",
+    encoder=r"[A-Za-z0-9_]+",
+    seed=r"\d+",
+
+
+def ds_cfg(dataset):
+    """The dataset's config entry with defaults applied."""
+    d = dict(config["datasets"][dataset])
+    d.setdefault("patch_um", 200)
+    d.setdefault("min_class_size", 10)
+    enc = {"gex": "pca", "img": "morphology"}
+    enc.update(d.get("encoders") or {})
+    d["encoders"] = enc
+    return d
+
+
+def encoder_of(dataset, modality):
+    return ds_cfg(dataset)["encoders"][modality]
+
+
+def embedding_file(dataset, modality):
+    return f"results/{dataset}/embeddings/{modality}/{encoder_of(dataset, modality)}.parquet"
+
+
+def embedding_path(dataset, embedding, seed):
+    """Path of the table that the probes read for ``embedding`` (a method or a baseline)."""
+    if embedding == "unimodal_gex":
+        return embedding_file(dataset, "gex")
+    if embedding == "unimodal_img":
+        return embedding_file(dataset, "img")
+    return f"results/{dataset}/aligned/{embedding}/seed{seed}.parquet"
+
+
+def encoder_params(encoder):
+    """Encoder parameters from config (``encoders.<name>``), with ``weights.<name>.path`` as params['weights']."""
+    p = dict(config["encoders"].get(encoder) or {})
+    w = (config.get("weights") or {}).get(encoder) or {}
+    if "path" in w and "weights" not in p:
+        p["weights"] = w["path"]
+    return p
+
+
+def encoder_gpu(wildcards):
+    return 1 if get_encoder(wildcards.encoder).needs_gpu else 0
+
+
+def training_params(method):
+    """The `training` block merged with `training.method_params.<method>` (as passed to fit_method)."""
+    t = {k: v for k, v in config["training"].items() if k not in ("method_params", "device", "threads")}
+    t.update((config["training"].get("method_params") or {}).get(method) or {})
+    return t
+
+
+def method_gpu(wildcards):
+    return 0 if wildcards.method in ("cca", "concat") else 1
+
+
+def tasks_json(dataset):
+    return json.dumps(ds_cfg(dataset)["tasks"])
+
+
+def spatial_cfg(dataset):
+    return ds_cfg(dataset).get("spatial") or {}
+
+
+def probe_tables(wildcards):
+    return expand(
+        "results/{dataset}/probes/{embedding}/seed{seed}.tsv",
+        dataset=wildcards.dataset,
+        embedding=EMBEDDINGS,
+        seed=SEEDS,
+    )
+
+
+def spatial_tables(wildcards):
+    return expand(
+        "results/{dataset}/spatial/{embedding}/seed{seed}.tsv",
+        dataset=wildcards.dataset,
+        embedding=EMBEDDINGS,
+        seed=SEEDS,
+    )
+
+
+def prepare_inputs(wildcards):
+    return _dataset_input_files(ds_cfg(wildcards.dataset))
+
+
+def final_targets():
+    """Everything `all` builds: per dataset the QC figure, SIS table, summary tables and figures."""
+    out = []
+    for d in DATASETS:
+        out += [
+            f"results/{d}/qc/patches.png",
+            f"results/sis/{d}.tsv",
+            f"results/tables/{d}/probes_summary.tsv",
+            f"results/figures/{d}/probe_scores.png",
+            f"results/figures/{d}/sis_heatmap.png",
+        ]
+        if spatial_cfg(d).get("ring_edges_um"):
+            out += [f"results/tables/{d}/spatial_summary.tsv", f"results/figures/{d}/spatial_rings.png"]
+    return out

@@ -1,0 +1,49 @@
+# Figure rules read only the summary tables, so editing a plot reruns only plots.
+
+
+rule figure_probe_scores:
+    input:
+        "results/tables/{dataset}/probes.tsv",
+    output:
+        report(
+            "results/figures/{dataset}/probe_scores.png",
+            caption="../report/probe_scores.rst",
+            category="{dataset}",
+            subcategory="Figures",
+        ),
+    log:
+        "logs/{dataset}/figure_probe_scores.log",
+    shell:
+        "python -m workflow_scripts.figures probe_scores --probes {input} --out {output} --log {log}"
+
+
+rule figure_sis_heatmap:
+    input:
+        "results/sis/{dataset}.tsv",
+    output:
+        report(
+            "results/figures/{dataset}/sis_heatmap.png",
+            caption="../report/sis_heatmap.rst",
+            category="{dataset}",
+            subcategory="Figures",
+        ),
+    log:
+        "logs/{dataset}/figure_sis_heatmap.log",
+    shell:
+        "python -m workflow_scripts.figures sis_heatmap --sis {input} --out {output} --log {log}"
+
+
+rule figure_spatial_rings:
+    input:
+        "results/tables/{dataset}/spatial.tsv",
+    output:
+        report(
+            "results/figures/{dataset}/spatial_rings.png",
+            caption="../report/spatial_rings.rst",
+            category="{dataset}",
+            subcategory="Figures",
+        ),
+    log:
+        "logs/{dataset}/figure_spatial_rings.log",
+    shell:
+        "python -m workflow_scripts.figures spatial_rings --spatial {input} --out {output} --log {log}"

@@ -1,0 +1,25 @@
+rule prepare:
+    """Read a dataset's raw files into the spot data model and draw sample patches for QC."""
+    input:
+        prepare_inputs,
+    output:
+        spots="results/{dataset}/spots.h5ad",
+        cells="results/{dataset}/cells.h5ad",
+        qc=report(
+            "results/{dataset}/qc/patches.png",
+            caption="../report/qc_patches.rst",
+            category="{dataset}",
+            subcategory="Quality control",
+        ),
+    params:
+        cfg=lambda wc: json.dumps(ds_cfg(wc.dataset)),
+        seed=SEEDS[0],
+    log:
+        "logs/{dataset}/prepare.log",
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "python -m workflow_scripts.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
+        " --seed {params.seed} --spots {output.spots} --cells {output.cells}"
+        " --qc-figure {output.qc} --log {log}"

@@ -1,0 +1,86 @@
+rule probe:
+    """5-fold CV linear probes: macro-F1 (logistic regression) and R² (ridge) per task."""
+    input:
+        emb=lambda wc: embedding_path(wc.dataset, wc.embedding, wc.seed),
+        spots="results/{dataset}/spots.h5ad",
+    output:
+        "results/{dataset}/probes/{embedding}/seed{seed}.tsv",
+    params:
+        tasks=lambda wc: tasks_json(wc.dataset),
+        probe=json.dumps(config["probe"]),
+        min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
+    log:
+        "logs/{dataset}/probe_{embedding}_seed{seed}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m workflow_scripts.probes --embedding {input.emb} --spots {input.spots}"
+        " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
+        " --tasks {params.tasks:q} --params {params.probe:q} --min-class-size {params.min_class}"
+        " --out {output} --log {log}"
+
+
+rule spatial_probe:
+    """Predict the majority label of neighbours in distance rings (µm) from the centre spot's embedding."""
+    input:
+        emb=lambda wc: embedding_path(wc.dataset, wc.embedding, wc.seed),
+        spots="results/{dataset}/spots.h5ad",
+    output:
+        "results/{dataset}/spatial/{embedding}/seed{seed}.tsv",
+    params:
+        tasks=lambda wc: json.dumps(
+            {t: ds_cfg(wc.dataset)["tasks"][t] for t in spatial_cfg(wc.dataset).get("tasks", [])}
+        ),
+        edges=lambda wc: json.dumps(spatial_cfg(wc.dataset)["ring_edges_um"]),
+        probe=json.dumps(config["probe"]),
+        spatial=json.dumps(config["spatial_probe"]),
+        min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
+    log:
+        "logs/{dataset}/spatial_{embedding}_seed{seed}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m workflow_scripts.spatial_probe --embedding {input.emb} --spots {input.spots}"
+        " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
+        " --tasks {params.tasks:q} --ring-edges-um {params.edges:q} --params {params.probe:q}"
+        " --spatial-params {params.spatial:q} --min-class-size {params.min_class} --out {output} --log {log}"
+
+
+rule collect_probes:
+    """All probe folds of every embedding and seed in one long table, plus its mean/sd summary."""
+    input:
+        probe_tables,
+    output:
+        table="results/tables/{dataset}/probes.tsv",
+        summary=report(
+            "results/tables/{dataset}/probes_summary.tsv",
+            caption="../report/probes_summary.rst",
+            category="{dataset}",
+            subcategory="Tables",
+        ),
+    log:
+        "logs/{dataset}/collect_probes.log",
+    shell:
+        "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
+        " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"
+
+
+rule collect_spatial:
+    """All spatial-ring probe results in one long table, plus its mean/sd summary per ring."""
+    input:
+        spatial_tables,
+    output:
+        table="results/tables/{dataset}/spatial.tsv",
+        summary=report(
+            "results/tables/{dataset}/spatial_summary.tsv",
+            caption="../report/spatial_summary.rst",
+            category="{dataset}",
+            subcategory="Tables",
+        ),
+    log:
+        "logs/{dataset}/collect_spatial.log",
+    shell:
+        "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
+        " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"

@@ -1,0 +1,141 @@
+"""Reading and writing the workflow's tables: embeddings, probe results, logs.
+
+Embedding tables
+----------------
+Every embedding (unimodal, fused, baseline) is a parquet file with one row per spot or patch:
+the index is the spot id (``spot_id``, a string), the columns are ``f0 … f{d-1}`` (float32).
+Free-form metadata (encoder name, parameters) is stored in the parquet schema metadata under
+the key ``cellsynergy``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+META_KEY = b"cellsynergy"
+
+
+def embedding_frame(values: np.ndarray, ids: Sequence[str]) -> pd.DataFrame:
+    """Wrap an ``(n, d)`` array as an embedding table indexed by spot id.
+
+    Raises ValueError when the number of rows and ids differ or the array is not 2-D.
+    """
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"embedding must be 2-D (n_spots, n_dims), got shape {values.shape}")
+    if len(ids) != values.shape[0]:
+        raise ValueError(f"{values.shape[0]} embedding rows but {len(ids)} spot ids")
+    df = pd.DataFrame(
+        values.astype(np.float32, copy=False),
+        index=pd.Index([str(i) for i in ids], name="spot_id"),
+        columns=[f"f{i}" for i in range(values.shape[1])],
+    )
+    return df
+
+
+def write_embedding(df: pd.DataFrame, path: str | Path, meta: Mapping | None = None) -> None:
+    """Write an embedding table (see module docstring) to ``path`` (parquet).
+
+    ``meta`` is any JSON-serialisable mapping (e.g. encoder name and parameters).
+    Raises ValueError on duplicated spot ids.
+    """
+    if df.index.has_duplicates:
+        dup = df.index[df.index.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"duplicated spot ids in embedding for {path}: {dup}")
+    df = df.copy()
+    df.index = df.index.astype(str)
+    df.index.name = "spot_id"
+    df.columns = [str(c) for c in df.columns]
+    table = pa.Table.from_pandas(df.astype(np.float32), preserve_index=True)
+    md = dict(table.schema.metadata or {})
+    md[META_KEY] = json.dumps(dict(meta or {}), default=str).encode()
+    table = table.replace_schema_metadata(md)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def read_embedding(path: str | Path) -> pd.DataFrame:
+    """Read an embedding table written by :func:`write_embedding`.
+
+    Raises FileNotFoundError naming the path when it does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"embedding table not found: {path} (run the rule that builds it first)")
+    df = pq.read_table(path).to_pandas()
+    df.index = df.index.astype(str)
+    df.index.name = "spot_id"
+    return df
+
+
+def read_embedding_meta(path: str | Path) -> dict:
+    """Return the ``cellsynergy`` metadata dict stored with an embedding table ({} if none)."""
+    md = pq.read_schema(path).metadata or {}
+    raw = md.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def drop_invalid_rows(df: pd.DataFrame, what: str, logger: logging.Logger | None = None) -> pd.DataFrame:
+    """Drop rows with any NaN/inf value, logging how many were dropped (never silently).
+
+    ``what`` names the table in the log message (e.g. ``"GEX embedding pca"``).
+    """
+    logger = logger or log
+    values = df.to_numpy(dtype=np.float64, copy=False)
+    ok = np.isfinite(values).all(axis=1)
+    n_bad = int((~ok).sum())
+    if n_bad:
+        logger.warning("%s: dropped %d of %d rows with NaN/inf values", what, n_bad, len(df))
+    else:
+        logger.info("%s: all %d rows finite", what, len(df))
+    return df.loc[ok]
+
+
+def intersect_tables(tables: Mapping[str, pd.DataFrame], logger: logging.Logger | None = None) -> dict:
+    """Restrict several spot-indexed tables to their common spot ids (in the first table's order).
+
+    Every spot dropped from a table because another table lacks it is counted in the log.
+    Returns a dict with the same keys. Raises ValueError if no spot is shared.
+    """
+    logger = logger or log
+    names = list(tables)
+    common = tables[names[0]].index
+    for n in names[1:]:
+        common = common.intersection(tables[n].index, sort=False)
+    if len(common) == 0:
+        raise ValueError(f"tables {names} share no spot id")
+    out = {}
+    for n in names:
+        n_drop = len(tables[n]) - len(common)
+        if n_drop:
+            logger.warning("%s: %d of %d spots dropped (absent from another table)", n, n_drop, len(tables[n]))
+        out[n] = tables[n].loc[common]
+    return out
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Log to ``log_file`` (the rule's ``log:``) and to stderr; return the package logger."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    logging.captureWarnings(True)
+    return logging.getLogger("workflow_scripts")

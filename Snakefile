@@ -1,8 +1,10 @@
 # cellsynergy-workflow: paired H&E + expression -> frozen unimodal embeddings -> ten fusion methods
 # -> linear and spatial probes -> SIS tables and figures. See README.md.
+import os
 
 
-configfile: "config/config.yaml"
+# the default config lives next to this Snakefile; --configfile FILE merges a user config on top
+configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 
 report: "report/workflow.rst"

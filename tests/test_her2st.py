@@ -1,0 +1,103 @@
+"""The HER2ST reader on the real data shipped in resources/her2st."""
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workflow_scripts.data.her2st import input_files, read_her2st, read_sections_table
+from workflow_scripts.data.model import DataModelError, validate_spots
+
+
+@pytest.fixture(scope="module")
+def her2st(repo):
+    return read_her2st(repo / "resources/her2st", sections=["A1", "C2"])
+
+
+def test_sections_table_lists_the_eight_imaged_sections(repo):
+    t = read_sections_table(repo / "resources/her2st")
+    assert list(t.index) == ["A1", "A2", "B4", "C2", "C3", "C4", "C5", "C6"]
+    assert t["n_spots"].sum() == 1864
+
+
+def test_reader_builds_the_data_model(her2st):
+    a = her2st
+    assert a.n_obs == 346 + 187
+    validate_spots(a)
+    assert set(a.obs["slide"].cat.categories) == {"A1", "C2"}
+    assert a.obs_names[0].startswith("A1_")
+    # composition rows are proportions over the 8 stereoscope major types
+    comp = np.asarray(a.obsm["composition"])
+    assert comp.shape == (a.n_obs, 8)
+    np.testing.assert_allclose(comp.sum(axis=1), 1.0, atol=1e-6)
+    assert "Epithelial" in a.uns["composition_names"]
+    # dominant cell type is the argmax of the composition
+    names = np.asarray(a.uns["composition_names"])
+    assert (a.obs["dominant_celltype"].astype(str).to_numpy() == names[comp.argmax(axis=1)]).all()
+
+
+def test_pathology_labels_only_on_a1(her2st):
+    a = her2st
+    a1 = a.obs["slide"] == "A1"
+    assert a.obs.loc[a1, "pathology"].notna().sum() == 346
+    assert a.obs.loc[~a1, "pathology"].isna().all()
+    assert (a.obs.loc[a1, "pathology"] == "invasive cancer").sum() > 250
+
+
+def test_cluster_names_are_harmonised(her2st):
+    names = set(her2st.obs["cluster"].dropna().astype(str))
+    assert "cancer" in names
+    assert not any(n.endswith(("1", "2", "3")) for n in names), names
+
+
+def test_coordinates_in_um_and_image_pixels(her2st, repo):
+    a = her2st
+    t = read_sections_table(repo / "resources/her2st")
+    c2 = a[a.obs["slide"] == "C2"]
+    sp = pd.read_csv(repo / "resources/her2st/spots/C2_selection.tsv", sep="\t")
+    row = sp[(sp.x == 25) & (sp.y == 13)].iloc[0]
+    o = c2.obs.loc["C2_25x13"]
+    assert o.px_x == pytest.approx(row.pixel_x * t.loc["C2", "coord_scale"])
+    assert o.x_um == pytest.approx(row.pixel_x * t.loc["C2", "orig_um_per_px"])
+    # neighbouring array spots are ~200 µm apart
+    xy = c2.obs[["x_um", "y_um"]].to_numpy()
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    assert 150 < np.median(d[:, 1]) < 260
+
+
+def test_subsampling_is_seeded_and_logged(repo, caplog):
+    caplog.set_level(logging.INFO)
+    a = read_her2st(repo / "resources/her2st", sections=["C2"], max_spots_per_slide=20, seed=3)
+    b = read_her2st(repo / "resources/her2st", sections=["C2"], max_spots_per_slide=20, seed=3)
+    assert a.n_obs == 20 and list(a.obs_names) == list(b.obs_names)
+    assert "subsampled to 20 of 187" in caplog.text
+
+
+def test_unknown_section_and_missing_file_errors(repo, tmp_path):
+    with pytest.raises(ValueError, match="unknown HER2ST sections"):
+        read_her2st(repo / "resources/her2st", sections=["Z9"])
+    with pytest.raises(FileNotFoundError, match="sections.tsv"):
+        read_her2st(tmp_path)
+
+
+def test_input_files_name_every_file(repo):
+    files = input_files({"reader": "her2st", "resource_dir": str(repo / "resources/her2st"), "sections": ["A1"]})
+    assert any(f.endswith("counts/A1.tsv.gz") for f in files)
+    assert any(f.endswith("images/A1.png") for f in files)
+    assert any(f.endswith("pathology/A1_labeled_coordinates.tsv") for f in files)
+
+
+def test_validate_rejects_missing_columns_and_images(tiny_spots, tmp_path):
+    a = tiny_spots.copy()
+    validate_spots(a)
+    bad = a.copy()
+    del bad.obs["x_um"]
+    with pytest.raises(DataModelError, match="x_um"):
+        validate_spots(bad, source="bad.h5ad")
+    gone = a.copy()
+    gone.uns["slides"] = {s: {"image_path": str(tmp_path / "nope.png"), "um_per_px": 1.0} for s in ("S1", "S2")}
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        validate_spots(gone)

@@ -1,0 +1,88 @@
+"""Dry-run DAG tests of the real Snakefile: which jobs `all` and single targets contain."""
+
+import pytest
+import yaml
+
+from workflow_utils import REPO, job_counts, snakemake, workdir
+
+SMALL = REPO / "tests/data/config_small.yaml"
+
+
+def dry(tmp_path, *targets, configfile=None, extra=()):
+    wd = workdir(tmp_path)
+    r = snakemake(wd, *targets, *extra, "-n", "--quiet", "rules", configfile=configfile)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return job_counts(r.stdout)
+
+
+def test_all_default_config_has_every_stage(tmp_path):
+    c = dry(tmp_path, "all")
+    cfg = yaml.safe_load(open(REPO / "config/config.yaml"))
+    n_seeds, n_methods = len(cfg["seeds"]), len(cfg["methods"])
+    n_emb = (n_methods + len(cfg["baselines"])) * n_seeds
+    assert c["prepare"] == 1
+    assert c["embed"] == 2  # one GEX and one IMG encoder
+    assert c["align"] == n_methods * n_seeds
+    assert c["random_baseline"] == n_seeds
+    assert c["probe"] == n_emb
+    assert c["spatial_probe"] == n_emb
+    for rule in ("collect_probes", "sis", "figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings"):
+        assert c[rule] == 1, rule
+
+
+def test_single_sis_target_builds_only_what_it_needs(tmp_path):
+    c = dry(tmp_path, "results/sis/her2st.tsv")
+    assert "spatial_probe" not in c and "collect_spatial" not in c
+    assert not any(k.startswith("figure") for k in c)
+    assert c["sis"] == 1 and c["collect_probes"] == 1 and c["align"] == 30
+
+
+def test_small_config_dag(tmp_path):
+    c = dry(tmp_path, "all", configfile=SMALL)
+    assert c["align"] == 10 and c["probe"] == 13 and c["embed"] == 2
+
+
+def test_one_method_one_seed_via_config_override(tmp_path):
+    c = dry(tmp_path, "results/sis/her2st.tsv", configfile=SMALL, extra=("--config", "methods=[cca]", "baselines=[unimodal_gex,unimodal_img]"))
+    assert c["align"] == 1 and c["probe"] == 3 and "random_baseline" not in c
+
+
+def test_figures_rebuild_from_tables_only(tmp_path):
+    """With the summary tables present, the figure target needs no upstream job."""
+    wd = workdir(tmp_path)
+    for rel in ("results/tables/her2st/probes.tsv", "results/sis/her2st.tsv", "results/tables/her2st/spatial.tsv"):
+        p = wd / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x\n")
+    r = snakemake(wd, "results/figures/her2st/probe_scores.png", "results/figures/her2st/sis_heatmap.png",
+                  "results/figures/her2st/spatial_rings.png", "-n", "--quiet", "rules")
+    assert r.returncode == 0, r.stderr
+    c = job_counts(r.stdout)
+    assert set(c) == {"figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings"}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("probe={'n_folds': 1}", "n_folds"),
+        ("methods=[cca,not_a_method]", "not_a_method"),
+        ("training={'lr': -1}", "lr"),
+    ],
+)
+def test_invalid_config_fails_before_any_job_naming_the_key(tmp_path, override, key):
+    wd = workdir(tmp_path)
+    r = snakemake(wd, "all", "--config", override, "-n")
+    assert r.returncode != 0
+    assert key in (r.stdout + r.stderr)
+    assert not (wd / "results").exists()
+
+
+def test_missing_input_file_is_named(tmp_path):
+    wd = tmp_path / "wd"
+    (wd / "resources/her2st").mkdir(parents=True)
+    for f in ("sections.tsv",):
+        (wd / "resources/her2st" / f).write_text((REPO / "resources/her2st" / f).read_text())
+    (wd / "resources/her2st/clusters").mkdir()
+    r = snakemake(wd, "-n", "results/her2st/spots.h5ad")
+    assert r.returncode != 0
+    assert "resources/her2st/counts/A1.tsv.gz" in r.stdout + r.stderr

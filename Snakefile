@@ -10,6 +10,10 @@ configfile: os.path.join(workflow.basedir, "config/config.yaml")
 report: "report/workflow.rst"
 
 
+# one pinned environment for every rule (used with --software-deployment-method conda)
+conda: "envs/cellsynergy.yaml"
+
+
 include: "rules/common.smk"
 include: "rules/prepare.smk"
 include: "rules/embed.smk"

@@ -1,0 +1,95 @@
+"""End to end: the real workflow on a small HER2ST subset (2 sections x 40 spots, 1 seed, 3 epochs)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_utils import REPO, job_counts, snakemake, workdir
+
+pytestmark = pytest.mark.e2e
+
+SMALL = REPO / "tests/data/config_small.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    wd = workdir(tmp_path_factory.mktemp("e2e"))
+    r = snakemake(wd, "all", "--cores", "2", "--show-failed-logs", configfile=SMALL)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    return wd
+
+
+def test_sis_table_has_every_method_task_metric(run):
+    cfg = yaml.safe_load(open(REPO / "config/config.yaml"))
+    sis = pd.read_csv(run / "results/sis/her2st.tsv", sep="\t")
+    assert set(cfg["methods"]) <= set(sis["method"])
+    assert {"cluster", "dominant_celltype", "composition", "pathology"} <= set(sis["task"])
+    assert set(sis.loc[sis.task == "composition", "metric"]) == {"r2"}
+    assert set(sis.loc[sis.task == "cluster", "metric"]) == {"macro_f1"}
+    # SIS is recomputable from the means in the same row
+    ok = sis["best_unimodal_mean"] > 0
+    best = np.maximum(sis["gex_mean"], sis["img_mean"])
+    np.testing.assert_allclose(sis.loc[ok, "sis"], ((sis["mean"] - best) / best)[ok], rtol=1e-9)
+
+
+def test_probe_tables_have_five_folds(run):
+    p = pd.read_csv(run / "results/tables/her2st/probes.tsv", sep="\t")
+    f = p[(p.embedding == "unimodal_gex") & (p.task == "cluster")]
+    assert sorted(f["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert f["value"].between(0, 1).all()
+
+
+def test_embeddings_and_fused_tables(run):
+    from workflow_scripts.io import read_embedding
+
+    gex = read_embedding(run / "results/her2st/embeddings/gex/pca.parquet")
+    img = read_embedding(run / "results/her2st/embeddings/img/morphology.parquet")
+    assert gex.shape == (80, 10)
+    assert img.shape[0] == 80 and img.shape[1] > 20
+    z = read_embedding(run / "results/her2st/aligned/comm/seed0.parquet")
+    assert z.shape[0] <= 80 and set(z.index) <= set(gex.index)
+    hist = pd.read_csv(run / "results/her2st/aligned/simclr/seed0.history.tsv", sep="\t")
+    assert {"epoch", "train_loss", "val_loss"} <= set(hist.columns) and len(hist) >= 1
+
+
+def test_every_rule_wrote_its_log_and_figures_exist(run):
+    for f in ("prepare.log", "embed_gex_pca.log", "embed_img_morphology.log", "align_comm_seed0.log", "sis.log"):
+        assert (run / "logs/her2st" / f).stat().st_size > 0, f
+    for f in ("probe_scores.png", "sis_heatmap.png", "spatial_rings.png"):
+        assert (run / "results/figures/her2st" / f).read_bytes()[:4] == b"\x89PNG"
+    assert (run / "results/her2st/qc/patches.png").exists()
+
+
+def test_rerun_is_a_no_op_and_figures_rebuild_alone(run):
+    r = snakemake(run, "all", "-n", configfile=SMALL)
+    assert "Nothing to be done" in r.stdout, r.stdout[-2000:]
+    (run / "results/figures/her2st/sis_heatmap.png").unlink()
+    r = snakemake(run, "all", "-n", "--quiet", "rules", configfile=SMALL)
+    assert job_counts(r.stdout) == {"figure_sis_heatmap": 1, "all": 1}
+
+
+def test_same_seed_same_results(run, tmp_path):
+    """Re-running one alignment job with the same seed reproduces its fused embedding exactly."""
+    from workflow_scripts.io import read_embedding
+
+    out = tmp_path / "z.parquet"
+    import subprocess
+    import sys
+    import json
+
+    params = json.dumps({"batch_size": 16, "max_epochs": 3, "early_stopping_patience": 2, "projection_dim": 16,
+                         "temperature": 0.07, "lr": 1e-4, "weight_decay": 1e-5, "ema_smoothing": 0.9,
+                         "val_fraction": 0.15, "val_fraction_unsupervised": 0.1})
+    r = subprocess.run(
+        [sys.executable, "-m", "workflow_scripts.align", "--method", "simclr",
+         "--gex", str(run / "results/her2st/embeddings/gex/pca.parquet"),
+         "--img", str(run / "results/her2st/embeddings/img/morphology.parquet"),
+         "--seed", "0", "--params", params, "--out", str(out), "--model", str(tmp_path / "m.pt"),
+         "--history", str(tmp_path / "h.tsv"), "--device", "cpu", "--threads", "1", "--log", str(tmp_path / "l.log")],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    a = read_embedding(out)
+    b = read_embedding(run / "results/her2st/aligned/simclr/seed0.parquet")
+    pd.testing.assert_frame_equal(a, b)

@@ -101,3 +101,29 @@ def test_validate_rejects_missing_columns_and_images(tiny_spots, tmp_path):
     gone.uns["slides"] = {s: {"image_path": str(tmp_path / "nope.png"), "um_per_px": 1.0} for s in ("S1", "S2")}
     with pytest.raises(FileNotFoundError, match="nope.png"):
         validate_spots(gone)
+
+
+def _background_fraction(repo, section):
+    """Fraction of a section's spot centres whose 5x5-px neighbourhood is slide background (white or black)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    t = read_sections_table(repo / "resources/her2st")
+    im = np.asarray(Image.open(repo / "resources/her2st" / t.loc[section, "image_path"]).convert("RGB"))
+    sp = pd.read_csv(repo / "resources/her2st" / t.loc[section, "spots_path"], sep="\t")
+    k = t.loc[section, "coord_scale"]
+    x = np.clip((sp.pixel_x * k).round().astype(int), 0, im.shape[1] - 1)
+    y = np.clip((sp.pixel_y * k).round().astype(int), 0, im.shape[0] - 1)
+    v = np.array([im[max(0, b - 2) : b + 3, max(0, a - 2) : a + 3].reshape(-1, 3).mean(0) for a, b in zip(x, y)])
+    return ((v.min(axis=1) > 215) | (v.max(axis=1) < 25)).mean()
+
+
+def test_spot_centres_fall_on_tissue(repo):
+    """Every default section's spot centres land on tissue (catches misregistration); A2, left out, does not."""
+    import yaml
+
+    cfg = yaml.safe_load(open(repo / "config/config.yaml"))["datasets"]["her2st"]
+    assert "A2" not in cfg["sections"]
+    for s in cfg["sections"]:
+        assert _background_fraction(repo, s) < 0.05, s
+    assert _background_fraction(repo, "A2") > 0.15

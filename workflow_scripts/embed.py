@@ -43,6 +43,7 @@ def embed(
     ctx = ctx or EncodeContext()
     t0 = time.perf_counter()
     df = spec.fn(spots, dict(params or {}), ctx)
+    attrs = dict(df.attrs)
     unknown = df.index.difference(spots.obs_names.astype(str))
     if len(unknown):
         raise ValueError(f"encoder {encoder!r} returned {len(unknown)} rows for unknown spot ids, e.g. {list(unknown[:3])}")
@@ -53,6 +54,7 @@ def embed(
     if bad.any():
         log.warning("encoder %s: %d of %d rows are NaN/inf (dropped downstream)", encoder, int(bad.sum()), len(df))
     log.info("encoder %s (%s): %d spots x %d dims in %.1f s", encoder, spec.modality, len(df), df.shape[1], time.perf_counter() - t0)
+    df.attrs = attrs
     return df
 
 
@@ -102,8 +104,8 @@ def main(argv=None) -> None:
     df = embed(a.encoder, spots, params, ctx)
     meta = {"encoder": a.encoder, "modality": spec.modality, "params": params,
             "patch_um": a.patch_um, "seed": a.seed}
-    if "feature_names" in df.attrs:
-        meta["feature_names"] = list(df.attrs["feature_names"])
+    # encoder diagnostics (feature names, explained variance, counts of dropped genes/spots) travel with the table
+    meta.update({k: v for k, v in df.attrs.items() if k not in meta})
     write_embedding(df, a.out, meta)
 
 

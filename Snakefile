@@ -15,6 +15,7 @@ conda: "envs/cellsynergy.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/download.smk"
 include: "rules/prepare.smk"
 include: "rules/embed.smk"
 include: "rules/align.smk"

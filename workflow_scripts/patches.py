@@ -46,28 +46,53 @@ class ArraySlide:
 
 
 class TiffSlide(ArraySlide):
-    """Lazy reader for the full-resolution level of a (pyramidal) TIFF / OME-TIFF via tifffile + zarr."""
+    """Lazy reader for level 0 of a (pyramidal) TIFF / OME-TIFF, never loading the whole slide.
+
+    Memory-mapped when level 0 is uncompressed and contiguous (e.g. GEO's single-strip registered H&E),
+    otherwise read tile by tile through tifffile + zarr. Handles (Y, X, S), planar (S|C, Y, X) and
+    singleton extra axes; raises ValueError for other layouts, naming the file.
+    """
 
     def __init__(self, path: str | Path):
         import tifffile
         import zarr
 
         self._tif = tifffile.TiffFile(path)
-        store = self._tif.series[0].aszarr(level=0)
-        z = zarr.open(store, mode="r")
-        self.array = z
-        shape = z.shape
-        if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4):
-            raise ValueError(f"{path}: planar (C, H, W) TIFFs are not supported; write it as (H, W, C)")
-        self.height, self.width = shape[0], shape[1]
+        series = self._tif.series[0]
+        level0 = series.levels[0]
+        self._axes, shape = level0.axes, level0.shape
+        if "Y" not in self._axes or "X" not in self._axes:
+            raise ValueError(f"{path}: TIFF axes {self._axes!r} lack Y/X")
+        if level0.keyframe.is_memmappable and len(level0.pages) == 1:
+            self.array = tifffile.memmap(path, mode="r", series=0, level=0)
+        else:
+            self.array = zarr.open(series.aszarr(level=0), mode="r")
+        self._chan = next(
+            (self._axes.index(a) for a in "SC" if a in self._axes and shape[self._axes.index(a)] in (3, 4)), None
+        )
+        for i, a in enumerate(self._axes):
+            if a not in "YX" and i != self._chan and shape[i] != 1:
+                raise ValueError(f"{path}: cannot read axis {a!r} of size {shape[i]} (axes {self._axes!r})")
+        self.height, self.width = shape[self._axes.index("Y")], shape[self._axes.index("X")]
 
     def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), FILL_VALUE, dtype=np.uint8)
         xa, ya = max(x0, 0), max(y0, 0)
         xb, yb = min(x0 + w, self.width), min(y0 + h, self.height)
         if xb > xa and yb > ya:
-            region = np.asarray(self.array[ya:yb, xa:xb])
-            if region.ndim == 2:
+            idx = tuple(
+                slice(ya, yb) if a == "Y" else slice(xa, xb) if a == "X" else slice(0, 3) if i == self._chan else 0
+                for i, a in enumerate(self._axes)
+            )
+            region = np.asarray(self.array[idx])
+            kept = [a for i, a in enumerate(self._axes) if a in "YX" or i == self._chan]
+            if self._chan is not None:
+                region = np.moveaxis(region, kept.index(self._axes[self._chan]), -1)
+                if kept.index("Y") > kept.index("X"):
+                    region = region.swapaxes(0, 1)
+            else:
+                if kept.index("Y") > kept.index("X"):
+                    region = region.T
                 region = np.repeat(region[..., None], 3, axis=2)
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = region[..., :3]
         return out

@@ -1,0 +1,440 @@
+"""Tests of the Xenium reader and patch tiling on tiny bundles written in the real file formats.
+
+Breast-style sample: 10x HDF5 ``cell_feature_matrix.h5`` (h5py, 10x matrix layout), ``cells.parquet``,
+``experiment.xenium``, a pyramidal H&E OME-TIFF (tifffile, SubIFDs), the 3x3 H&E -> Xenium alignment CSV and a
+QuPath-style GeoJSON of region polygons. Lung-style sample: ``transcripts.csv.gz``, an author-registered
+single-strip TIFF with resolution tags, and a cell table with cell types and per-cell region labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+from scipy.spatial import cKDTree
+
+from workflow_scripts.data import tiling, xenium
+from workflow_scripts.data.model import validate_spots
+from workflow_scripts.patches import open_slide
+
+REPO = Path(__file__).resolve().parents[1]
+PX_UM = 0.2125
+GENES = [f"G{i}" for i in range(12)]
+CLASSES = ["Emphysema", "NOANNOT", "Severe Fibrosis", "TLS"]
+CTYPES = ["Alveolar epithelium", "Airway epithelium", "Endothelial", "NOMAP"]
+CMAP = {"AT1": "Alveolar epithelium", "Basal": "Airway epithelium", "Capillary": "Endothelial"}
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writers for the real formats
+
+
+def write_10x_h5(path: Path, counts: np.ndarray, barcodes, names, ids, ftypes) -> None:
+    """10x HDF5 matrix: /matrix/{barcodes,data,indices,indptr,shape,features/...}, CSC of genes x cells."""
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix(counts)  # cells x genes == CSC of genes x cells
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        g.create_dataset("data", data=m.data.astype(np.int32))
+        g.create_dataset("indices", data=m.indices.astype(np.int64))
+        g.create_dataset("indptr", data=m.indptr.astype(np.int64))
+        g.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
+        fg = g.create_group("features")
+        fg.create_dataset("id", data=np.array(ids, dtype="S"))
+        fg.create_dataset("name", data=np.array(names, dtype="S"))
+        fg.create_dataset("feature_type", data=np.array(ftypes, dtype="S"))
+        fg.create_dataset("genome", data=np.array(["Unknown"] * len(ids), dtype="S"))
+        fg.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+
+
+def write_ome_pyramid(path: Path, img: np.ndarray, um_per_px: float) -> None:
+    """Pyramidal OME-TIFF: level 0 + 2 SubIFD levels, tiled 64x64, zlib, RGB interleaved."""
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(img, subifds=2, tile=(64, 64), photometric="rgb", compression="zlib",
+                 metadata={"axes": "YXS", "PhysicalSizeX": um_per_px, "PhysicalSizeY": um_per_px})
+        for k in (2, 4):
+            tw.write(img[::k, ::k], subfiletype=1, tile=(64, 64), photometric="rgb", compression="zlib")
+
+
+def rot_scale(theta_deg: float, s: float, t) -> np.ndarray:
+    th = np.deg2rad(theta_deg)
+    A = np.eye(3)
+    A[:2, :2] = s * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    A[:2, 2] = t
+    return A
+
+
+def region_truth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Labels of the toy GeoJSON (H&E px): TLS square inside a fibrosis half; emphysema corner; else NOANNOT."""
+    lab = np.full(len(x), "NOANNOT", dtype=object)
+    lab[x < 320] = "Severe Fibrosis"
+    lab[(x >= 100) & (x < 180) & (y >= 100) & (y < 180)] = "TLS"
+    lab[(x >= 400) & (y >= 300)] = "Emphysema"
+    return lab
+
+
+def make_breast_sample(root: Path, name: str, seed: int, n_cells: int = 700, extra_gene: bool = False):
+    """Write one breast-style Xenium sample under root/name; return its truth (cells in H&E px, types, A)."""
+    rng = np.random.default_rng(seed)
+    d = root / name
+    d.mkdir(parents=True)
+    H, W = 480, 640
+    he = rng.uniform([20, 20], [W - 20, H - 20], size=(n_cells, 2))
+    A = rot_scale(-88.0, 1.25, [30.0, 900.0])  # H&E px -> Xenium px (rotated, 0.265625 µm per H&E px)
+    xen_um = xenium.apply_affine(A, he) * PX_UM
+    ids = [f"{name.lower()}{i:05d}-1" for i in range(n_cells)]
+    pd.DataFrame({"cell_id": ids, "x_centroid": xen_um[:, 0], "y_centroid": xen_um[:, 1],
+                  "transcript_counts": 1, "cell_area": 50.0}).to_parquet(d / "cells.parquet")
+    genes = GENES + (["EXTRA"] if extra_gene else [])
+    names = genes + ["NegControlProbe_00001", "BLANK_0001"]
+    ftypes = ["Gene Expression"] * len(genes) + ["Negative Control Probe", "Blank Codeword"]
+    counts = rng.poisson(2.0, size=(n_cells, len(names)))
+    order = rng.permutation(n_cells)  # the matrix lists cells in another order than cells.parquet
+    write_10x_h5(d / "cell_feature_matrix.h5", counts[order], [ids[i] for i in order], names,
+                 [f"ENSG{i:011d}" for i in range(len(names))], ftypes)
+    (d / "experiment.xenium").write_text(json.dumps({"pixel_size": PX_UM, "run_name": "toy"}))
+    np.savetxt(d / "he_imagealignment.csv", A, delimiter=",", fmt="%.10g")
+    img = np.full((H, W, 3), (240, 220, 230), dtype=np.uint8)
+    for c, i in zip(COLOURS, range(3)):
+        x, y = np.round(he[i]).astype(int)
+        img[y - 3 : y + 4, x - 3 : x + 4] = c
+    write_ome_pyramid(d / "he_image.ome.tif", img, 0.265625)
+    feats = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [320, 0], [320, 480], [0, 480],
+                                                                             [0, 0]]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "severe_fibrosis", "color": [1, 2, 3]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[100, 100], [180, 100], [180, 180],
+                                                                             [100, 180], [100, 100]]]},
+         "properties": {"classification": {"name": "TLS"}}},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[[[400, 300], [640, 300], [640, 480],
+                                                                                   [400, 480], [400, 300]]]]},
+         "properties": {"name": "Emphysema"}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {"name": "TLS"}},
+    ]
+    (d / "regions.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    ctype = rng.choice(["AT1", "Basal", "Capillary", "Mystery"], size=n_cells, p=[0.4, 0.3, 0.2, 0.1])
+    in_table = rng.random(n_cells) > 0.1  # 10 % of cells are not in the annotation table -> NOMAP
+    pd.DataFrame({"cell_id": np.array(ids)[in_table], "celltype": ctype[in_table]}).to_csv(
+        d / "cell_types.csv", index=False)
+    truth_type = np.where(in_table, pd.Series(ctype).map(CMAP).fillna("NOMAP").to_numpy(), "NOMAP")
+    return {"ids": ids, "he": he, "A": A, "type": dict(zip(ids, truth_type)),
+            "region": dict(zip(ids, region_truth(he[:, 0], he[:, 1]))),
+            "counts": pd.DataFrame(counts[:, : len(genes)], index=ids, columns=genes)}
+
+
+def breast_params(root: Path, samples, **kw) -> dict:
+    p = {
+        "reader": "xenium", "name": "toy_breast", "raw_dir": str(root),
+        "splits": {"train": ["OTHER"], "test": list(samples)}, "build_splits": ["test"],
+        "files": {"matrix": "{sample}/cell_feature_matrix.h5", "cells": "{sample}/cells.parquet",
+                  "experiment": "{sample}/experiment.xenium", "image": "{sample}/he_image.ome.tif",
+                  "alignment": "{sample}/he_imagealignment.csv", "regions": "{sample}/regions.geojson",
+                  "cell_table": "{sample}/cell_types.csv"},
+        "cell_table_columns": {"cell_id": "cell_id", "cell_type": "celltype"},
+        "annotation_classes": CLASSES, "unannotated_class": "NOANNOT", "excluded_classes": [0, 1],
+        "composition_classes": CTYPES, "unmapped_class": "NOMAP", "cell_type_map": CMAP,
+        "patch_um": 64 * 0.265625, "stride_um": 32 * 0.265625, "min_cells_per_patch": 3, "max_cells_per_patch": 6,
+    }
+    p.update(kw)
+    return p
+
+
+@pytest.fixture(scope="module")
+def breast(tmp_path_factory):
+    root = tmp_path_factory.mktemp("breast_raw")
+    truth = {"BR1": make_breast_sample(root, "BR1", 1), "BR2": make_breast_sample(root, "BR2", 2, 300, extra_gene=True)}
+    spots, cells = xenium.build_dataset(breast_params(root, ["BR1", "BR2"]), seed=0)
+    return root, truth, spots, cells
+
+
+# ----------------------------------------------------------------------------------------------------------
+# coordinates
+
+
+def test_alignment_csv_roundtrip_and_resolution(tmp_path):
+    A = rot_scale(30.0, 1.2895, [807.98, 73097.66])
+    np.savetxt(tmp_path / "a.csv", A, delimiter=",")
+    B = xenium.read_alignment(tmp_path / "a.csv")
+    assert np.allclose(A, B)
+    # the 10x breast example: H&E pixel ~1.29 Xenium px -> 0.274 µm/px (reference: Sample2 0.27398)
+    assert xenium.he_um_per_px(B, PX_UM) == pytest.approx(0.2125 * 1.2895, rel=1e-9)
+    he = np.array([[0.0, 0.0], [1000.0, 250.0]])
+    um = xenium.apply_affine(A, he) * PX_UM
+    assert np.allclose(xenium.he_px_from_xenium_um(um, A, PX_UM), he)
+    (tmp_path / "bad.csv").write_text("1,0,0\n0,1,0\n")
+    with pytest.raises(ValueError, match="3x3"):
+        xenium.read_alignment(tmp_path / "bad.csv")
+
+
+def test_cells_land_on_their_he_pixels(breast):
+    root, truth, spots, cells = breast
+    for s in ("BR1", "BR2"):
+        t = truth[s]
+        c = cells.obs[cells.obs["slide"] == s].drop_duplicates("cell_id").set_index("cell_id")
+        he = pd.DataFrame(t["he"], index=t["ids"]).loc[c.index].to_numpy()
+        err = np.abs(c[["x_px", "y_px"]].to_numpy() - he).max()
+        assert err < 1.0, f"{s}: cells off by {err:.3f} px"
+    # the three painted cells read their own colour from level 0 of the pyramid (x = column, y = row)
+    slide = open_slide(spots.uns["slides"]["BR1"]["image_path"])
+    c = cells.obs.drop_duplicates("cell_id").set_index("cell_id")
+    painted = [(colour, cid) for colour, cid in zip(COLOURS, truth["BR1"]["ids"][:3]) if cid in c.index]
+    assert len(painted) >= 2  # (a painted cell could lie in no kept patch)
+    for colour, cid in painted:
+        x, y = np.round(c.loc[cid, ["x_px", "y_px"]].to_numpy(float)).astype(int)
+        assert tuple(slide.read_region(x, y, 1, 1)[0, 0]) == colour
+        if abs(x - y) > 8:  # x is the column, y the row
+            assert tuple(slide.read_region(y, x, 1, 1)[0, 0]) != colour
+    assert spots.uns["slides"]["BR1"]["um_per_px"] == pytest.approx(0.265625, rel=1e-9)
+    assert spots.obs[["x_um", "px_x"]].pipe(lambda o: np.allclose(o["x_um"], o["px_x"] * 0.265625))
+
+
+def test_outputs_write_and_read_as_h5ad(breast, tmp_path):
+    import anndata as ad
+
+    _, _, spots, cells = breast
+    spots.write_h5ad(tmp_path / "spots.h5ad")
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    s2, c2 = ad.read_h5ad(tmp_path / "spots.h5ad"), ad.read_h5ad(tmp_path / "cells.h5ad")
+    validate_spots(s2, check_images=True)
+    assert s2.uns["slides"]["BR1"]["um_per_px"] == spots.uns["slides"]["BR1"]["um_per_px"]
+    assert (c2.obs["spot_id"].isin(s2.obs_names)).all() and c2.n_vars == s2.n_vars
+
+
+def test_open_slide_reads_planar_ome_tiff(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "p.ome.tif", np.moveaxis(img, 2, 0), photometric="rgb", planarconfig="separate",
+                     tile=(64, 64), ome=True)
+    slide = open_slide(tmp_path / "p.ome.tif")
+    assert (slide.height, slide.width) == (100, 120)
+    assert (slide.read_region(10, 20, 30, 40) == img[20:60, 10:40]).all()
+
+
+def test_input_files_and_missing_configured_file(breast, tmp_path):
+    root, _, _, _ = breast
+    p = breast_params(root, ["BR1", "BR2"])
+    files = xenium.input_files(p)
+    assert len(files) == 2 * 7 and all(Path(f).exists() for f in files)
+    assert str(root / "BR2" / "he_imagealignment.csv") in files
+    make_breast_sample(tmp_path, "BR1", 4, 100)
+    (tmp_path / "BR1" / "he_imagealignment.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="files.alignment not found.*he_imagealignment.csv"):
+        xenium.build_dataset(breast_params(tmp_path, ["BR1"]), seed=0)
+
+
+def test_wrong_alignment_direction_is_caught(tmp_path):
+    make_breast_sample(tmp_path, "BR1", 3, 200)
+    with pytest.raises(ValueError, match="alignment_direction"):
+        xenium.build_dataset(breast_params(tmp_path, ["BR1"], alignment_direction="xenium_to_he"), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# patches
+
+
+def test_patch_cells_cap_labels_and_composition(breast):
+    root, truth, spots, cells = breast
+    validate_spots(spots, source="toy breast", check_images=True)
+    assert list(spots.var_names) == GENES  # controls dropped; EXTRA (only in BR2) dropped by the inner join
+    assert list(spots.obs["region"].cat.categories) == CLASSES
+    assert spots.uns["composition_names"] == CTYPES[:-1]
+    assert spots.uns["excluded_classes"] == ["Emphysema", "NOANNOT"]
+    half = 32.0  # patch = 64 H&E px
+    by_spot = cells.obs.groupby("spot_id", observed=True)
+    X = np.asarray(spots.X.todense())
+    comp = np.asarray(spots.obsm["composition"])
+    row_of = {sid: i for i, sid in enumerate(spots.obs_names)}
+    n_checked = 0
+    for s in ("BR1", "BR2"):
+        t = truth[s]
+        he = t["he"]
+        sub = spots.obs[spots.obs["slide"] == s]
+        for sid, row in sub.iterrows():
+            cx, cy = row["px_x"], row["px_y"]
+            inside = (he[:, 0] >= cx - half) & (he[:, 0] < cx + half) & (he[:, 1] >= cy - half) & (he[:, 1] < cy + half)
+            assert row["n_cells_inside"] == inside.sum()
+            assert row["n_cells"] == min(inside.sum(), 6)
+            members = by_spot.get_group(sid)
+            assert len(members) == row["n_cells"]
+            assert set(members["cell_id"]) <= set(np.array(t["ids"])[inside])
+            # summed counts are the counts of exactly these cells
+            x = X[row_of[sid]]
+            assert np.array_equal(x, t["counts"].loc[members["cell_id"], GENES].sum(axis=0).to_numpy())
+            # majority region label, ties -> smallest class index
+            labs = pd.Series([t["region"][c] for c in members["cell_id"]])
+            vc = labs.value_counts()
+            best = min(vc[vc == vc.max()].index, key=CLASSES.index)
+            assert row["region"] == best and row["region_frac"] == pytest.approx(vc.max() / len(labs))
+            # composition of the kept cells, NOMAP removed and renormalised
+            ty = pd.Series([t["type"][c] for c in members["cell_id"]]).value_counts()
+            v = np.array([ty.get(k, 0) for k in CTYPES[:-1]], dtype=float)
+            v = v / v.sum() if v.sum() else v
+            assert np.allclose(comp[row_of[sid]], v)
+            n_checked += 1
+    assert n_checked == spots.n_obs > 50
+    assert (spots.obs["n_cells_inside"] > 6).any() and (spots.obs["n_cells"] <= 6).all()
+    assert set(spots.obs["region"]) >= {"Severe Fibrosis", "NOANNOT", "Emphysema"}
+    assert (cells.obs["region"].astype(str).to_numpy()
+            == [truth[s]["region"][c] for s, c in zip(cells.obs["slide"], cells.obs["cell_id"])]).all()
+
+
+def test_build_is_deterministic_for_a_seed(breast):
+    root, _, spots, cells = breast
+    p = breast_params(root, ["BR1", "BR2"])
+    s2, c2 = xenium.build_dataset(p, seed=0)
+    assert (s2.obs_names == spots.obs_names).all() and list(c2.obs_names) == list(cells.obs_names)
+    s3, c3 = xenium.build_dataset(p, seed=1)
+    assert list(c3.obs_names) != list(cells.obs_names)  # another random 6-of-n subset in crowded patches
+
+
+def test_tile_cells_by_hand():
+    xy = np.array([[0.0, 0.0], [12.0, 3.0], [7.0, 7.0], [19.9, 0.5]])
+    t = tiling.tile_cells(xy, patch=10.0, stride=5.0, min_cells=1, max_cells=None)
+    # x tiles start at 0, 5, 10; one row of tiles (all y < 10)
+    assert t.kxy.tolist() == [[0, 0], [1, 0], [2, 0]]
+    assert t.member.toarray().tolist() == [[1, 0, 1, 0], [0, 1, 1, 0], [0, 1, 0, 1]]
+    assert np.allclose(t.centre, [[5, 5], [10, 5], [15, 5]])
+    t2 = tiling.tile_cells(xy, patch=10.0, stride=5.0, min_cells=1, max_cells=1, rng=np.random.default_rng(0))
+    assert t2.member.sum(axis=1).A1.tolist() == [1, 1, 1] and t2.n_inside.tolist() == [2, 2, 2]
+    t3 = tiling.tile_cells(xy, patch=10.0, stride=5.0, min_cells=3)
+    assert t3.member.shape == (0, 4)
+
+
+def test_majority_and_composition_by_hand():
+    import scipy.sparse as sp
+
+    member = sp.csr_matrix(np.array([[1, 1, 1, 1, 0], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=float))
+    codes = np.array([2, 0, 0, 2, 1])
+    lab, frac = tiling.majority_label(member, codes, 3)
+    assert lab.tolist() == [0, 1, 1] and np.allclose(frac, [0.5, 0.5, 1.0])  # tie 0 vs 2 -> 0; tie 2 vs 1 -> 1
+    comp = tiling.composition(member, codes, 3, unmapped_index=2)
+    assert np.allclose(comp, [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert np.allclose(tiling.remove_unmapped_and_renormalise([[2, 1, 1], [0, 0, 5]], 2), [[2 / 3, 1 / 3], [0, 0]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lung-style sample: transcripts + registered H&E + cell table
+
+
+def test_lung_style_transcripts_registered_image_and_cell_table(tmp_path):
+    rng = np.random.default_rng(7)
+    raw = tmp_path / "raw"
+    (raw / "LU1").mkdir(parents=True)
+    H, W = 300, 400
+    um_px = 0.2125
+    tifffile.imwrite(raw / "LU1/registered_HE.tif", np.full((H, W, 3), 200, np.uint8), photometric="rgb",
+                     rowsperstrip=H, resolution=(1e4 / um_px, 1e4 / um_px), resolutionunit="CENTIMETER")
+    n = 120
+    ids = [f"c{i}" for i in range(n)]
+    pos_px = rng.uniform([10, 10], [W - 10, H - 10], size=(n, 2))
+    truth = pd.DataFrame(0, index=ids, columns=GENES)
+    rows = []
+    for i, cid in enumerate(ids):
+        for _ in range(rng.integers(5, 30)):
+            g = GENES[rng.integers(len(GENES))]
+            qv = rng.choice([35.0, 10.0], p=[0.85, 0.15])
+            if qv >= 20:
+                truth.loc[cid, g] += 1
+            x, y = (pos_px[i] + rng.normal(0, 2, 2)) * um_px
+            rows.append((cid, g, qv, x, y))
+        rows.append((cid, "NegControlProbe_00042", 40.0, 0.0, 0.0))
+    rows += [("UNASSIGNED", "G1", 40.0, 1.0, 1.0)] * 7
+    tx = pd.DataFrame(rows, columns=["cell_id", "feature_name", "qv", "x_location", "y_location"])
+    tx.insert(0, "transcript_id", np.arange(len(tx)))
+    tx["overlaps_nucleus"] = 1
+    tx["z_location"] = 5.0
+    with gzip.open(raw / "LU1/transcripts.csv.gz", "wt") as fh:
+        tx.sample(frac=1.0, random_state=0).to_csv(fh, index=False)
+    fine = rng.choice(["AT1", "Basal", "Capillary"], size=n)
+    region = np.where(pos_px[:, 0] < W / 2, "normal_alveoli", "Severe-Fibrosis")
+    table = pd.DataFrame({"sample": "LU1", "cell_id": ids, "x_centroid": pos_px[:, 0] * um_px,
+                          "y_centroid": pos_px[:, 1] * um_px, "final_CT": fine, "region": region})
+    other = table.assign(sample="LU2")
+    pd.concat([table.iloc[5:], other]).to_csv(raw / "cells.csv.gz", index=False)  # c0-c4 missing -> NOMAP
+    params = {
+        "reader": "xenium", "raw_dir": str(raw), "splits": {"test": ["LU1"]},
+        "files": {"transcripts": "{sample}/transcripts.csv.gz", "matrix": None,
+                  "image": "{sample}/registered_HE.tif", "cell_table": "cells.csv.gz"},
+        "cell_table_columns": {"cell_id": "cell_id", "sample": "sample", "cell_type": "final_CT",
+                               "region": "region", "x_um": "x_centroid", "y_um": "y_centroid"},
+        "annotation_classes": ["NOANNOT", "Normal Alveoli", "Severe Fibrosis"], "unannotated_class": "NOANNOT",
+        "composition_classes": CTYPES, "cell_type_map": CMAP,
+        "patch_um": 40.0, "stride_um": 20.0, "min_cells_per_patch": 2, "max_cells_per_patch": 200,
+    }
+    counts, cent = xenium.counts_from_transcripts(raw / "LU1/transcripts.csv.gz", 20)
+    assert sorted(counts.var_names) == sorted(GENES)  # controls and unassigned transcripts dropped
+    dense = pd.DataFrame(counts.X.toarray(), index=counts.obs_names, columns=counts.var_names)
+    assert dense.loc[truth.index[truth.sum(axis=1) > 0], GENES].equals(
+        truth.loc[truth.sum(axis=1) > 0].astype(np.float32))
+    assert np.abs(cent.loc["c3"].to_numpy() / um_px - pos_px[3]).max() < 3  # mean of transcripts ~ centroid
+
+    sc = xenium.read_sample(params, "LU1")
+    assert sc.um_per_px == pytest.approx(um_px, rel=1e-6)  # from the TIFF resolution tags
+    assert sc.obs.index.isin(ids).all() and len(sc.obs) == n
+    got = sc.obs.loc[ids, ["x_px", "y_px"]].to_numpy()
+    assert np.allclose(got[5:], pos_px[5:], atol=1e-6)  # cell-table centroids (µm / 0.2125)
+    assert np.abs(got[:5] - pos_px[:5]).max() < 3  # not in the table: mean transcript position
+    assert (sc.obs.loc[["c0", "c1"], "cell_type"] == "NOMAP").all()
+    assert sc.obs.loc["c7", "cell_type"] == CMAP[fine[7]]
+    assert sc.obs.loc["c7", "region"] == (1 if region[7] == "normal_alveoli" else 2)
+
+    spots, cells = xenium.build_dataset(params, seed=0)
+    validate_spots(spots, check_images=True)
+    assert set(spots.obs["split"]) == {"test"} and set(spots.obs["donor"]) == {"LU1"}
+    assert set(spots.obs["region"]) <= {"Normal Alveoli", "Severe Fibrosis"}
+    sums = spots.obsm["composition"].sum(axis=1)
+    assert np.all(np.isclose(sums, 1.0) | (sums == 0)) and spots.obsm["composition"].shape[1] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the paper configuration
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return yaml.safe_load((REPO / "config/paper.yaml").read_text())
+
+
+def test_paper_config_classes_splits_and_tasks(paper):
+    ds = paper["datasets"]
+    expect = {"lung": (24, [3, 16]), "breast": (14, [4]), "thymus": (11, [10])}
+    for name, (n_classes, excl) in expect.items():
+        d = ds[name]
+        assert len(d["annotation_classes"]) == n_classes and d["excluded_classes"] == excl
+        assert d["tasks"]["region"]["exclude"] == [d["annotation_classes"][i] for i in excl]
+        assert d["unannotated_class"] in d["annotation_classes"]
+        assert d["build_splits"] == ["test"]
+        members = [s for v in d["splits"].values() for s in v]
+        assert len(members) == len(set(members)), f"{name}: a sample is in two splits"
+    lung = ds["lung"]
+    assert len(lung["splits"]["train"]) == 16 and len(lung["splits"]["test"]) == 7
+    assert ds["breast"]["splits"]["test"] == ["Sample2"]
+    assert len(ds["thymus"]["splits"]["test"]) == 4
+    assert lung["composition_classes"].index(lung["unmapped_class"]) == 9 and len(lung["composition_classes"]) == 10
+    assert set(lung["cell_type_map"].values()) <= set(lung["composition_classes"]) - {"NOMAP"}
+    assert lung["tasks"]["composition"] == {"type": "regression", "obsm": "composition"}
+    assert "composition" not in ds["breast"]["tasks"] and "composition" not in ds["thymus"]["tasks"]
+    assert all(d["encoders"] == {"gex": "nicheformer", "img": "uni2h"} for d in ds.values())
+
+
+@pytest.mark.parametrize("name", ["lung", "breast"])
+def test_ring_edges_give_8_16_to_64_neighbours_on_the_patch_grid(paper, name):
+    d = paper["datasets"][name]
+    s = d["stride_um"]
+    g = np.stack(np.meshgrid(np.arange(40), np.arange(40)), -1).reshape(-1, 2) * s
+    centre = (np.abs(g / s - 20) < 2).all(axis=1)
+    edges = np.asarray(d["spatial"]["ring_edges_um"])
+    assert edges[0] == 0 and (np.diff(edges) > 0).all()
+    dist, _ = cKDTree(g).query(g[centre], k=500, distance_upper_bound=edges[-1] + 1)
+    dist = dist[:, 1:]
+    per_ring = [((dist > a) & (dist <= b)).sum(axis=1).mean() for a, b in zip(edges[:-1], edges[1:])]
+    assert np.allclose(per_ring, np.arange(8, 72, 8), rtol=0.1), per_ring

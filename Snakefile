@@ -16,6 +16,7 @@ conda: "envs/cellsynergy.yaml"
 
 include: "rules/common.smk"
 include: "rules/download.smk"
+include: "rules/weights.smk"
 include: "rules/prepare.smk"
 include: "rules/embed.smk"
 include: "rules/align.smk"

@@ -59,9 +59,11 @@ def embedding_path(dataset, embedding, seed):
     return f"results/{dataset}/aligned/{embedding}/seed{seed}.parquet"
 
 
-def encoder_params(encoder):
-    """Encoder parameters from config (``encoders.<name>``), with ``weights.<name>.path`` as params['weights']."""
+def encoder_params(encoder, dataset):
+    """Encoder parameters: ``encoders.<name>`` updated by ``datasets.<dataset>.encoder_params.<name>``,
+    with ``weights.<name>.path`` as params['weights']."""
     p = dict(config["encoders"].get(encoder) or {})
+    p.update((ds_cfg(dataset).get("encoder_params") or {}).get(encoder) or {})
     w = (config.get("weights") or {}).get(encoder) or {}
     if "path" in w and "weights" not in p:
         p["weights"] = w["path"]

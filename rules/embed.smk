@@ -6,7 +6,7 @@ rule embed:
     output:
         "results/{dataset}/embeddings/{modality}/{encoder}.parquet",
     params:
-        enc=lambda wc: json.dumps(encoder_params(wc.encoder)),
+        enc=lambda wc: json.dumps(encoder_params(wc.encoder, wc.dataset)),
         patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
         device=config["embed"]["device"],
         batch_size=config["embed"]["batch_size"],

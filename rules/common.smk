@@ -6,7 +6,7 @@ from snakemake.utils import min_version, validate
 from workflow_scripts.data import input_files as _dataset_input_files
 from workflow_scripts.encoders import get_encoder
 
-min_version("9.0")
+min_version("9.19")  # profiles are read from profile.yaml since 9.19
 
 
 validate(config, schema="../config/config.schema.yaml")

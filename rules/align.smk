@@ -7,6 +7,7 @@ rule align:
         z3="results/{dataset}/aligned/{method}/seed{seed}.parquet",
         model="results/{dataset}/aligned/{method}/seed{seed}.pt",
         history="results/{dataset}/aligned/{method}/seed{seed}.history.tsv",
+        views="results/{dataset}/aligned/{method}/seed{seed}.views.npz",
     params:
         train=lambda wc: json.dumps(training_params(wc.method)),
         device=config["training"]["device"],
@@ -22,7 +23,8 @@ rule align:
     shell:
         "python -m workflow_scripts.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params {params.train:q} --out {output.z3} --model {output.model}"
-        " --history {output.history} --device {params.device} --threads {threads} --log {log}"
+        " --history {output.history} --views {output.views} --device {params.device} --threads {threads}"
+        " --log {log}"
 
 
 rule random_baseline:
@@ -39,4 +41,4 @@ rule random_baseline:
     shell:
         "python -m workflow_scripts.align --method random --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params '{{}}' --out {output.z3} --model {output.model}"
-        " --history {output.history} --device cpu --threads 1 --log {log}"
+        " --history {output.history} --device cpu --threads 1 --no-progress --log {log}"

@@ -70,26 +70,24 @@ def test_rerun_is_a_no_op_and_figures_rebuild_alone(run):
 
 
 def test_same_seed_same_results(run, tmp_path):
-    """Re-running one alignment job with the same seed reproduces its fused embedding exactly."""
-    from workflow_scripts.io import read_embedding
-
-    out = tmp_path / "z.parquet"
+    """Re-running one alignment job with the same seed and parameters reproduces its fused embedding exactly."""
+    import json
     import subprocess
     import sys
-    import json
 
-    params = json.dumps({"batch_size": 16, "max_epochs": 3, "early_stopping_patience": 2, "projection_dim": 16,
-                         "temperature": 0.07, "lr": 1e-4, "weight_decay": 1e-5, "ema_smoothing": 0.9,
-                         "val_fraction": 0.15, "val_fraction_unsupervised": 0.1})
+    from workflow_scripts.io import read_embedding, read_embedding_meta
+
+    done = run / "results/her2st/aligned/simclr/seed0.parquet"
+    params = read_embedding_meta(done)["params"]
+    out = tmp_path / "z.parquet"
     r = subprocess.run(
         [sys.executable, "-m", "workflow_scripts.align", "--method", "simclr",
          "--gex", str(run / "results/her2st/embeddings/gex/pca.parquet"),
          "--img", str(run / "results/her2st/embeddings/img/morphology.parquet"),
-         "--seed", "0", "--params", params, "--out", str(out), "--model", str(tmp_path / "m.pt"),
-         "--history", str(tmp_path / "h.tsv"), "--device", "cpu", "--threads", "1", "--log", str(tmp_path / "l.log")],
+         "--seed", "0", "--params", json.dumps(params), "--out", str(out), "--model", str(tmp_path / "m.pt"),
+         "--history", str(tmp_path / "h.tsv"), "--device", "cpu", "--threads", "1", "--no-progress",
+         "--log", str(tmp_path / "l.log")],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr
-    a = read_embedding(out)
-    b = read_embedding(run / "results/her2st/aligned/simclr/seed0.parquet")
-    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(read_embedding(out), read_embedding(done))

@@ -1,0 +1,100 @@
+"""Round trips of the align CLI (python -m workflow_scripts.align) on tiny parquet embedding tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workflow_scripts import align
+from workflow_scripts.io import embedding_frame, read_embedding, read_embedding_meta, write_embedding
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def tables(tmp_path):
+    """GEX: spots s0..s59 (s5 has a NaN); IMG: spots s2..s64 (s0, s1 missing, s60..s64 extra)."""
+    rng = np.random.default_rng(0)
+    lat = rng.standard_normal((70, 3))
+    gex = lat[:60] @ rng.standard_normal((3, 6)) + 0.3 * rng.standard_normal((60, 6))
+    gex[5, 2] = np.nan
+    img = lat[2:65] @ rng.standard_normal((3, 8)) + 0.3 * rng.standard_normal((63, 8))
+    gex_path, img_path = tmp_path / "gex.parquet", tmp_path / "img.parquet"
+    write_embedding(embedding_frame(gex, [f"s{i}" for i in range(60)]), gex_path, {"encoder": "toy"})
+    write_embedding(embedding_frame(img, [f"s{i}" for i in range(2, 65)]), img_path, {"encoder": "toy"})
+    expected = [f"s{i}" for i in range(2, 60) if i != 5]
+    return gex_path, img_path, expected
+
+
+def run_cli(tmp_path, gex, img, method, params, extra=()):
+    out = {k: tmp_path / f"{method}.{k}" for k in ("parquet", "pt", "tsv", "log", "npz")}
+    argv = ["--method", method, "--gex", str(gex), "--img", str(img), "--seed", "1", "--params", json.dumps(params),
+            "--out", str(out["parquet"]), "--model", str(out["pt"]), "--history", str(out["tsv"]),
+            "--device", "cpu", "--threads", "1", "--no-progress", "--log", str(out["log"]), *extra]
+    return argv, out
+
+
+def test_cli_subprocess_round_trip(tmp_path, tables):
+    gex, img, expected = tables
+    params = {"projection_dim": 8, "max_epochs": 3, "batch_size": 16}
+    argv, out = run_cli(tmp_path, gex, img, "simclr", params, ["--views", str(tmp_path / "simclr.npz")])
+    proc = subprocess.run([sys.executable, "-m", "workflow_scripts.align", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    z3 = read_embedding(out["parquet"])
+    assert z3.index.tolist() == expected and z3.shape == (len(expected), 16)
+    assert np.isfinite(z3.to_numpy()).all()
+    meta = read_embedding_meta(out["parquet"])
+    assert meta["method"] == "simclr" and meta["seed"] == 1 and meta["d_z3"] == 16 and meta["d_gex"] == 6
+    assert 1 <= meta["best_epoch"] <= 3
+    state = torch.load(out["pt"], weights_only=True)
+    assert state["method"] == "simclr" and state["n_spots"] == len(expected) and "proj_img.0.weight" in state[
+        "state_dict"]
+    hist = pd.read_csv(out["tsv"], sep="\t")
+    assert hist.columns.tolist() == ["epoch", "train_loss", "val_loss", "val_loss_smooth", "lr"] and len(hist) == 3
+    views = np.load(tmp_path / "simclr.npz")
+    assert views["spot_id"].tolist() == expected and views["view_img"].shape == (len(expected), 8)
+    log = out["log"].read_text()
+    assert "dropped 1 of 60 rows with NaN/inf" in log
+    assert "2 of 59 spots dropped (absent from another table)" in log  # GEX: s0, s1 not in IMG
+    assert "6 of 63 spots dropped (absent from another table)" in log  # IMG: s5 (NaN in GEX), s60..s64
+
+
+@pytest.mark.parametrize("method", ["cca", "concat", "random"])
+def test_cli_untrained_methods(tmp_path, tables, method):
+    gex, img, expected = tables
+    argv, out = run_cli(tmp_path, gex, img, method, {})
+    assert align.main(argv) == 0
+    z3 = read_embedding(out["parquet"])
+    assert z3.index.tolist() == expected
+    assert z3.shape[1] == {"cca": 12, "concat": 14, "random": 14}[method]
+    hist = pd.read_csv(out["tsv"], sep="\t")
+    assert hist.columns.tolist() == ["epoch", "train_loss", "val_loss", "val_loss_smooth", "lr"]
+    assert len(hist) == (1 if method == "cca" else 0)
+    state = torch.load(out["pt"], weights_only=True)
+    assert state["method"] == method and state["seed"] == 1
+    if method == "concat":
+        g, i = read_embedding(gex).loc[expected], read_embedding(img).loc[expected]
+        np.testing.assert_array_equal(z3.to_numpy(), np.hstack([i.to_numpy(), g.to_numpy()]))
+    if method == "random":
+        assert abs(float(z3.to_numpy().std()) - 1) < 0.1
+        assert state["state_dict"] == {}
+
+
+def test_cli_rejects_bad_params(tmp_path, tables):
+    gex, img, _ = tables
+    argv, _ = run_cli(tmp_path, gex, img, "simclr", {})
+    argv[argv.index("--params") + 1] = "[1, 2]"
+    with pytest.raises(ValueError, match="JSON object"):
+        align.main(argv)
+    argv[argv.index("--params") + 1] = '{"batch_size": 0}'
+    with pytest.raises(ValueError, match="batch_size"):
+        align.main(argv)
+    with pytest.raises(SystemExit):
+        align.main(["--method", "nope", "--gex", "a", "--img", "b", "--seed", "0", "--out", "o", "--model", "m",
+                    "--history", "h"])

@@ -1,0 +1,111 @@
+"""Train one fusion method (or make the random baseline) and write Z3, the model state and the training history.
+
+Usage::
+
+    python -m workflow_scripts.align --method M --gex GEX.parquet --img IMG.parquet --seed S \
+        --params '{"batch_size": 32, ...}' --out Z3.parquet --model MODEL.pt --history HIST.tsv \
+        [--views VIEWS.npz] [--device auto] [--threads N] [--no-progress] --log LOG
+
+Inputs are embedding tables (:mod:`workflow_scripts.io`). Rows with NaN/inf are dropped (logged), then both tables
+are restricted to their shared spot ids (logged; GEX order). ``--params`` is the config's ``training`` block merged
+with ``training.method_params[M]`` (see :func:`workflow_scripts.methods.fit_method`).
+
+Outputs: ``--out`` Z3 table (index spot_id, columns f0..; metadata: method, seed, dims, best_epoch, n_epochs);
+``--model`` ``torch.save`` of the state dict + metadata (loadable with ``torch.load(path, weights_only=True)``; the
+random baseline writes metadata only); ``--history`` TSV with columns epoch, train_loss, val_loss, val_loss_smooth,
+lr (one row for cca, header only for concat/random); optional ``--views`` npz with ``spot_id``, ``view_img``,
+``view_gex`` (absent arrays for concat/random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workflow_scripts.io import (
+    drop_invalid_rows,
+    embedding_frame,
+    intersect_tables,
+    read_embedding,
+    setup_logging,
+    write_embedding,
+)
+from workflow_scripts.methods import BASELINES, METHODS, fit_method
+
+log = logging.getLogger(__name__)
+
+
+def parse_params(text: str) -> dict:
+    """Parse the ``--params`` JSON string into a dict; raises ValueError with the offending text otherwise."""
+    try:
+        params = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--params is not valid JSON ({err}): {text!r}") from err
+    if not isinstance(params, dict):
+        raise ValueError(f"--params must be a JSON object (a dict of training parameters), got {text!r}")
+    return params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.align", description=__doc__.split("\n")[0])
+    ap.add_argument("--method", required=True, choices=list(METHODS + BASELINES))
+    ap.add_argument("--gex", required=True, help="GEX embedding table (parquet)")
+    ap.add_argument("--img", required=True, help="IMG embedding table (parquet)")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--params", default="{}", help="training parameters as one JSON object string")
+    ap.add_argument("--out", required=True, help="output Z3 table (parquet)")
+    ap.add_argument("--model", required=True, help="output model state (torch.save)")
+    ap.add_argument("--history", required=True, help="output training history (TSV)")
+    ap.add_argument("--views", default=None, help="optional output npz of the two per-modality views")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:0, ...")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    ap.add_argument("--log", default=None, help="log file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log)
+    params = parse_params(args.params)
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+        log.info("torch threads set to %d", args.threads)
+
+    gex = drop_invalid_rows(read_embedding(args.gex), f"GEX embedding {args.gex}", log)
+    img = drop_invalid_rows(read_embedding(args.img), f"IMG embedding {args.img}", log)
+    tables = intersect_tables({f"GEX embedding {args.gex}": gex, f"IMG embedding {args.img}": img}, log)
+    gex, img = tables.values()
+    ids = gex.index.to_list()
+    log.info("%s (seed %d): %d paired spots, d_gex=%d, d_img=%d", args.method, args.seed, len(ids), gex.shape[1],
+             img.shape[1])
+
+    res = fit_method(args.method, gex.to_numpy(np.float32), img.to_numpy(np.float32), params, args.seed,
+                     device=args.device, progress=not args.no_progress)
+    st = res.state
+    meta = {k: st[k] for k in ("method", "seed", "d_gex", "d_img", "d_z3", "best_epoch", "n_epochs",
+                               "stopped_early", "n_spots")}
+    meta.update(gex=str(args.gex), img=str(args.img), params=st["params"])
+    write_embedding(embedding_frame(res.z3, ids), args.out, meta)
+    Path(args.model).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(st, args.model)
+    Path(args.history).parent.mkdir(parents=True, exist_ok=True)
+    res.history.to_csv(args.history, sep="\t", index=False)
+    if args.views:
+        Path(args.views).parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"spot_id": np.asarray(ids, dtype=str)}
+        if res.views is not None:
+            arrays.update(view_img=res.views[0], view_gex=res.views[1])
+        np.savez_compressed(args.views, **arrays)
+    log.info("%s: wrote Z3 %s (%d × %d), model %s, history %s (%d epochs, best %d)", args.method, args.out,
+             res.z3.shape[0], res.z3.shape[1], args.model, args.history, st["n_epochs"], st["best_epoch"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

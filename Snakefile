@@ -23,6 +23,7 @@ include: "rules/align.smk"
 include: "rules/probe.smk"
 include: "rules/sis.smk"
 include: "rules/figures.smk"
+include: "rules/analysis.smk"
 
 
 localrules:

@@ -128,4 +128,5 @@ def final_targets():
         ]
         if spatial_cfg(d).get("ring_edges_um"):
             out += [f"results/tables/{d}/spatial_summary.tsv", f"results/figures/{d}/spatial_rings.png"]
+        out += analysis_targets(d)  # rules/analysis.smk: spectral, spatial consistency, curves, UMAPs, scaling
     return out

@@ -1,0 +1,67 @@
+"""Figures of the analyses (workflow_scripts/figures_analysis.py): summaries by hand, PNGs written, UMAP seeded."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workflow_scripts import figures_analysis as fa
+from workflow_scripts.io import embedding_frame
+
+
+def test_scaling_summary_by_hand():
+    rows = []
+    for seed, vals in ((0, [0.6, 0.8]), (1, [0.9, 0.9])):
+        for fold, v in enumerate(vals):
+            rows.append(dict(mode="offline", config="pca", fraction=0.1, seed=seed, n_fit=10, embedding="gex",
+                             task="t", metric="macro_f1", fold=fold, value=v))
+    s = fa.scaling_summary(pd.DataFrame(rows))
+    assert len(s) == 1
+    assert s["mean"].iloc[0] == pytest.approx(0.8)   # mean of the seed means 0.7 and 0.9
+    assert s["sd"].iloc[0] == pytest.approx(0.1)     # sd over seeds, not over folds
+    one = fa.scaling_summary(pd.DataFrame(rows[:2]))
+    assert one["sd"].iloc[0] == pytest.approx(0.1)   # one seed: sd over folds
+
+
+def test_read_histories_parses_method_and_seed(tmp_path):
+    paths = []
+    for m, s, n in (("cca", 0, 1), ("comm", 2, 3), ("concat", 0, 0)):
+        p = tmp_path / "results/toy/aligned" / m / f"seed{s}.history.tsv"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"epoch": range(1, n + 1), "train_loss": np.linspace(1, 0.5, n), "val_loss": np.linspace(1.1, 0.6, n),
+                      "val_loss_smooth": np.linspace(1.1, 0.7, n), "lr": 1e-4},
+                     columns=["epoch", "train_loss", "val_loss", "val_loss_smooth", "lr"]).to_csv(p, sep="\t", index=False)
+        paths.append(p)
+    h = fa.read_histories(paths)
+    assert sorted(set(zip(h["method"], h["seed"]))) == [("cca", 0), ("comm", 2)]  # concat: header only
+    assert len(h) == 4
+    fa.plot_training_curves(h, tmp_path / "tc.png")
+    assert (tmp_path / "tc.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="history path"):
+        fa.read_histories([tmp_path / "other.tsv"])
+
+
+def test_spectral_and_spatial_figures_are_written(tmp_path):
+    rows = []
+    for src, k in (("unimodal", 2), ("cca", 3)):
+        for seed in (0, 1):
+            for r in range(1, 9):
+                rows.append(dict(dataset="toy", source=src, seed=seed, rank=r, singular_value=0.9 / r,
+                                 null_median=0.2, null_lo=0.15, null_hi=0.3, p_value=0.01, significant=r <= k,
+                                 n_significant=k))
+    fa.plot_spectral(pd.DataFrame(rows), tmp_path / "spec.png")
+    sc = pd.DataFrame([dict(embedding=e, metric=m, mean=0.6, sd=0.05) for e in ("unimodal_gex", "comm", "random")
+                       for m in ("roc_auc", "f1", "accuracy")])
+    fa.plot_spatial_consistency(sc, tmp_path / "sc.png")
+    assert (tmp_path / "spec.png").stat().st_size > 10_000 and (tmp_path / "sc.png").stat().st_size > 10_000
+
+
+def test_umap_is_deterministic_and_separates_clusters():
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 1, (60, 6)), rng.normal(8, 1, (60, 6))])
+    e = embedding_frame(x, [f"s{i}" for i in range(120)])
+    a = fa.umap_coords(e, {"n_neighbors": 10, "random_state": 3})
+    b = fa.umap_coords(e, {"n_neighbors": 10, "random_state": 3})
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy())
+    c0, c1 = a.iloc[:60].mean().to_numpy(), a.iloc[60:].mean().to_numpy()
+    spread = a.iloc[:60].std().mean()
+    assert np.linalg.norm(c0 - c1) > 3 * spread

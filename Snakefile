@@ -10,10 +10,6 @@ configfile: os.path.join(workflow.basedir, "config/config.yaml")
 report: "report/workflow.rst"
 
 
-# one pinned environment for every rule (used with --software-deployment-method conda)
-conda: "envs/cellsynergy.yaml"
-
-
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/weights.smk"
@@ -23,6 +19,7 @@ include: "rules/align.smk"
 include: "rules/probe.smk"
 include: "rules/sis.smk"
 include: "rules/figures.smk"
+include: "rules/analysis_common.smk"
 include: "rules/analysis.smk"
 
 

@@ -8,18 +8,20 @@ rule align:
         model="results/{dataset}/aligned/{method}/seed{seed}.pt",
         history="results/{dataset}/aligned/{method}/seed{seed}.history.tsv",
         views="results/{dataset}/aligned/{method}/seed{seed}.views.npz",
-    params:
-        train=lambda wc: json.dumps(training_params(wc.method)),
-        device=config["training"]["device"],
     log:
         "logs/{dataset}/align_{method}_seed{seed}.log",
+    group:
+        "align"
+    conda:
+        "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]
     resources:
         gpu=method_gpu,
         mem_mb=8000,
         runtime=120,
-    group:
-        "align"
+    params:
+        train=lambda wc: json.dumps(training_params(wc.method)),
+        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params {params.train:q} --out {output.z3} --model {output.model}"
@@ -38,6 +40,8 @@ rule random_baseline:
         history="results/{dataset}/aligned/random/seed{seed}.history.tsv",
     log:
         "logs/{dataset}/align_random_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.align --method random --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params '{{}}' --out {output.z3} --model {output.model}"

@@ -1,181 +1,7 @@
 # Analyses beyond the probes (issue 6): spectral analysis of the cross-covariance, spatial consistency,
 # data scaling (offline encoders or Nicheformer MLM post-training), training curves and UMAPs.
 # Every output reachable from `all` through analysis_targets(dataset) (called by final_targets()).
-# Config sections (all optional, defaults below): spectral, spatial_consistency, umap, scaling.
-
-ANALYSIS_DEFAULTS = {
-    "spectral": {
-        "n_permutations": 100,
-        "regularization": 1.0e-6,
-        "rank_tol": 1.0e-8,
-        "use_whitening": True,
-        "n_eval_samples": None,
-        "alpha": 0.05,
-        "spectral_gap_threshold": 0.01,
-        "plot_max_rank": 20,
-    },
-    "spatial_consistency": {
-        "k": 5,
-        "far_percentile": 80.0,
-        "n_folds": 5,
-        "pair_features": ["absdiff", "product"],
-        "standardize": True,
-        "max_iter": 1000,
-        "max_pairs_per_slide": None,
-    },
-    "umap": {
-        "n_neighbors": 15,
-        "min_dist": 0.3,
-        "metric": "euclidean",
-        "n_pca": 50,
-        "random_state": 0,
-        "max_spots": None,
-        "label": None,
-        "seed": None,
-    },
-    "scaling": {
-        "enabled": False,
-        "mode": "auto",
-        "fractions": [0.01, 0.0316, 0.1, 0.316, 1.0],
-        "seeds": [0, 1, 2],
-        "offline": {"subsample": ["gex_encoder", "alignment"], "min_spots": 10},
-        "posttrain": {
-            "train_cells": "results/{dataset}/cells.h5ad",
-            "configs": {
-                "cfg1": {"lr": 1.0e-4, "weight_decay": 1.0e-5, "batch_size": 32},
-                "cfg2": {"lr": 2.0e-5, "weight_decay": 5.0e-4, "batch_size": 32},
-                "cfg3": {"lr": 5.0e-5, "weight_decay": 1.0e-4, "batch_size": 32},
-            },
-            "train": {},
-            "device": "auto",
-            "include_pretrained": True,
-        },
-    },
-}
-
-
-def acfg(section):
-    """Config section ``section`` merged over ANALYSIS_DEFAULTS (one level deep for scaling.offline/posttrain)."""
-    d = dict(ANALYSIS_DEFAULTS[section])
-    user = config.get(section) or {}
-    for k, v in user.items():
-        if isinstance(v, dict) and isinstance(d.get(k), dict):
-            d[k] = {**d[k], **v}
-        else:
-            d[k] = v
-    return d
-
-
-def fraction_str(f):
-    """Fraction as used in paths: '0.01', '0.0316', '0.1', '0.316', '1'."""
-    return format(float(f), "g")
-
-
-SCALING = acfg("scaling")
-SCALING_FRACTIONS = [fraction_str(f) for f in SCALING["fractions"]]
-SCALING_SEEDS = [int(s) for s in SCALING["seeds"]]
-POSTTRAIN_CONFIGS = list(SCALING["posttrain"]["configs"])
-if SCALING["mode"] not in ("auto", "offline", "posttrain"):
-    raise ValueError(f"config scaling.mode must be 'auto', 'offline' or 'posttrain', got {SCALING['mode']!r}")
-# methods whose align job writes two projected views (concat and the random baseline have none)
-VIEW_METHODS = [m for m in METHODS if m != "concat"]
-
-
-wildcard_constraints:
-    fraction=r"[0-9.eE-]+",
-    ptcfg=r"[A-Za-z0-9_]+",
-    colouring="label|slide",
-
-
-def umap_label(dataset):
-    """obs column for the label-coloured UMAP: config umap.label, else the first classification task's label."""
-    lab = acfg("umap")["label"]
-    if lab:
-        return lab
-    for spec in ds_cfg(dataset)["tasks"].values():
-        if spec.get("type") == "classification" and spec.get("label"):
-            return spec["label"]
-    return "slide"
-
-
-def umap_seed():
-    s = acfg("umap")["seed"]
-    return int(s) if s is not None else SEEDS[0]
-
-
-def scaling_mode(dataset):
-    """The scaling mode of ``dataset``: scaling.mode, where ``auto`` = posttrain for a Nicheformer GEX encoder and
-    offline otherwise. Fails at parse time (naming the keys) when the mode does not fit the dataset's encoders.
-    """
-    gex = encoder_of(dataset, "gex")
-    mode = SCALING["mode"]
-    if mode == "auto":
-        mode = "posttrain" if gex == "nicheformer" else "offline"
-    if mode == "offline" and "gex_encoder" in SCALING["offline"]["subsample"] and gex != "pca":
-        raise ValueError(
-            f"scaling (offline mode) with scaling.offline.subsample containing gex_encoder refits the GEX encoder, "
-            f"which only works for `pca`; dataset {dataset} uses {gex!r}. Use scaling.mode: posttrain (Nicheformer) "
-            "or drop gex_encoder from scaling.offline.subsample"
-        )
-    if mode == "posttrain" and gex != "nicheformer":
-        raise ValueError(
-            f"scaling.mode posttrain post-trains Nicheformer, but dataset {dataset} uses GEX encoder {gex!r}; "
-            "set datasets.<name>.encoders.gex: nicheformer or scaling.mode: auto / offline"
-        )
-    return mode
-
-
-def scaling_tables(wildcards):
-    d = wildcards.dataset
-    if scaling_mode(d) == "offline":
-        return expand(
-            "results/{dataset}/scaling/offline/frac{fraction}/seed{seed}.tsv",
-            dataset=d,
-            fraction=SCALING_FRACTIONS,
-            seed=SCALING_SEEDS,
-        )
-    out = expand(
-        "results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.tsv",
-        dataset=d,
-        ptcfg=POSTTRAIN_CONFIGS,
-        fraction=SCALING_FRACTIONS,
-        seed=SCALING_SEEDS,
-    )
-    if SCALING["posttrain"]["include_pretrained"]:
-        out += expand(
-            "results/{dataset}/scaling/posttrain/pretrained/seed{seed}.tsv", dataset=d, seed=SCALING_SEEDS
-        )
-    return out
-
-
-def analysis_targets(dataset):
-    """Everything the analyses add to `all` for ``dataset`` (call from final_targets())."""
-    d = dataset
-    out = [
-        f"results/tables/{d}/spectral_summary.tsv",
-        f"results/figures/{d}/spectral.png",
-        f"results/tables/{d}/spatial_consistency_summary.tsv",
-        f"results/figures/{d}/spatial_consistency.png",
-        f"results/figures/{d}/training_curves.png",
-        f"results/figures/{d}/umap_label.png",
-        f"results/figures/{d}/umap_slide.png",
-    ]
-    if SCALING["enabled"]:
-        scaling_mode(d)
-        out += [f"results/tables/{d}/scaling_summary.tsv", f"results/figures/{d}/scaling.png"]
-    return out
-
-
-localrules:
-    analysis,
-    collect_spectral,
-    figure_spectral,
-    collect_spatial_consistency,
-    figure_spatial_consistency,
-    figure_training_curves,
-    figure_umap,
-    collect_scaling,
-    figure_scaling,
+# Config sections (all optional; defaults in rules/analysis_common.smk): spectral, spatial_consistency, umap, scaling.
 
 
 rule analysis:
@@ -187,12 +13,6 @@ rule analysis:
 # ----------------------------------------------------------------------------------------------- spectral
 
 
-def spectral_params():
-    p = dict(acfg("spectral"))
-    p.pop("plot_max_rank", None)
-    return json.dumps(p)
-
-
 rule spectral_unimodal:
     """Whitened cross-covariance spectrum between the unimodal GEX and IMG embeddings, with a permutation null."""
     input:
@@ -202,6 +22,8 @@ rule spectral_unimodal:
         "results/{dataset}/spectral/unimodal.tsv",
     log:
         "logs/{dataset}/spectral_unimodal.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
         runtime=60,
@@ -221,6 +43,8 @@ rule spectral_views:
         "results/{dataset}/spectral/{method}/seed{seed}.tsv",
     log:
         "logs/{dataset}/spectral_{method}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
         runtime=120,
@@ -250,6 +74,8 @@ rule collect_spectral:
         ),
     log:
         "logs/{dataset}/collect_spectral.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.spectral collect --inputs {input.unimodal} {input.views} --out {output.table}"
         " --summary {output.summary} --log {log}"
@@ -267,6 +93,8 @@ rule figure_spectral:
         ),
     log:
         "logs/{dataset}/figure_spectral.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     params:
         max_rank=acfg("spectral")["plot_max_rank"],
     shell:
@@ -286,6 +114,8 @@ rule spatial_consistency:
         "results/{dataset}/spatial_consistency/{embedding}/seed{seed}.tsv",
     log:
         "logs/{dataset}/spatial_consistency_{embedding}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
         runtime=60,
@@ -315,6 +145,8 @@ rule collect_spatial_consistency:
         ),
     log:
         "logs/{dataset}/collect_spatial_consistency.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
         " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary}"
@@ -333,6 +165,8 @@ rule figure_spatial_consistency:
         ),
     log:
         "logs/{dataset}/figure_spatial_consistency.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures_analysis spatial_consistency --input {input} --out {output} --log {log}"
 
@@ -357,6 +191,8 @@ rule figure_training_curves:
         ),
     log:
         "logs/{dataset}/figure_training_curves.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures_analysis training_curves --histories {input} --out {output} --log {log}"
 
@@ -372,6 +208,8 @@ rule umap_coords:
         "results/{dataset}/umap/{embedding}.tsv",
     log:
         "logs/{dataset}/umap_{embedding}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
         runtime=30,
@@ -397,6 +235,8 @@ rule figure_umap:
         ),
     log:
         "logs/{dataset}/figure_umap_{colouring}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     params:
         column=lambda wc: "slide" if wc.colouring == "slide" else umap_label(wc.dataset),
     shell:
@@ -405,12 +245,6 @@ rule figure_umap:
 
 
 # ----------------------------------------------------------------------------------------------- data scaling
-
-
-SCALING_ARGS = (
-    " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
-    " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
-)
 
 
 rule scaling_offline:
@@ -425,6 +259,8 @@ rule scaling_offline:
         "results/{dataset}/scaling/offline/frac{fraction}/seed{seed}.tsv",
     log:
         "logs/{dataset}/scaling_offline_frac{fraction}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]
     resources:
         gpu=1,
@@ -450,16 +286,10 @@ rule scaling_offline:
     shell:
         "python -m workflow_scripts.scaling offline --spots {input.spots} --img {input.img} {params.gex}"
         " --dataset {wildcards.dataset} --fraction {wildcards.fraction} --seed {wildcards.seed}"
-        " --params {params.offline:q}" + SCALING_ARGS + " --out {output} --log {log}"
-
-
-def posttrain_params(wc):
-    pt = SCALING["posttrain"]
-    if wc.ptcfg not in pt["configs"]:
-        raise ValueError(
-            f"unknown post-training configuration {wc.ptcfg!r}; config scaling.posttrain.configs has {list(pt['configs'])}"
-        )
-    return json.dumps({**(pt["train"] or {}), **pt["configs"][wc.ptcfg]})
+        " --params {params.offline:q}"
+        " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
+        " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
+        " --out {output} --log {log}"
 
 
 rule posttrain_nicheformer:
@@ -471,6 +301,8 @@ rule posttrain_nicheformer:
         history="results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.history.tsv",
     log:
         "logs/{dataset}/posttrain_{ptcfg}_frac{fraction}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     threads: 4
     resources:
         gpu=1,
@@ -496,6 +328,8 @@ rule embed_posttrained:
         "results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.gex.parquet",
     log:
         "logs/{dataset}/embed_posttrained_{ptcfg}_frac{fraction}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     threads: 2
     resources:
         gpu=1,
@@ -527,6 +361,8 @@ rule scaling_posttrained_eval:
         "results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.tsv",
     log:
         "logs/{dataset}/scaling_posttrain_{ptcfg}_frac{fraction}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]
     resources:
         gpu=1,
@@ -541,7 +377,10 @@ rule scaling_posttrained_eval:
     shell:
         "python -m workflow_scripts.scaling evaluate --spots {input.spots} --gex {input.gex} --img {input.img}"
         " --dataset {wildcards.dataset} --config {wildcards.ptcfg} --fraction {wildcards.fraction}"
-        " --seed {wildcards.seed} --history {input.history}" + SCALING_ARGS + " --out {output} --log {log}"
+        " --seed {wildcards.seed} --history {input.history}"
+        " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
+        " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
+        " --out {output} --log {log}"
 
 
 rule scaling_pretrained_eval:
@@ -554,6 +393,8 @@ rule scaling_pretrained_eval:
         "results/{dataset}/scaling/posttrain/pretrained/seed{seed}.tsv",
     log:
         "logs/{dataset}/scaling_pretrained_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]
     resources:
         gpu=1,
@@ -568,8 +409,9 @@ rule scaling_pretrained_eval:
     shell:
         "python -m workflow_scripts.scaling evaluate --spots {input.spots} --gex {input.gex} --img {input.img}"
         " --dataset {wildcards.dataset} --config pretrained --fraction 0 --seed {wildcards.seed} --n-fit 0"
-        + SCALING_ARGS
-        + " --out {output} --log {log}"
+        " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
+        " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
+        " --out {output} --log {log}"
 
 
 rule collect_scaling:
@@ -585,6 +427,8 @@ rule collect_scaling:
         ),
     log:
         "logs/{dataset}/collect_scaling.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
         " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary}"
@@ -603,5 +447,7 @@ rule figure_scaling:
         ),
     log:
         "logs/{dataset}/figure_scaling.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures_analysis scaling --inputs {input} --out {output} --log {log}"

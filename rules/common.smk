@@ -24,8 +24,26 @@ MODALITIES = ["gex", "img"]
 
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
-    method="|".join(["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]),
-    embedding="|".join(["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat", "unimodal_gex", "unimodal_img", "random"]),
+    method="|".join(
+        ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
+    ),
+    embedding="|".join(
+        [
+            "cca",
+            "dcca",
+            "comm",
+            "simclr",
+            "byol",
+            "simsiam",
+            "barlow_twins",
+            "vicreg",
+            "dim",
+            "concat",
+            "unimodal_gex",
+            "unimodal_img",
+            "random",
+        ]
+    ),
     modality="gex|img",
     encoder=r"[A-Za-z0-9_]+",
     seed=r"\d+",
@@ -128,5 +146,7 @@ def final_targets():
         ]
         if spatial_cfg(d).get("ring_edges_um"):
             out += [f"results/tables/{d}/spatial_summary.tsv", f"results/figures/{d}/spatial_rings.png"]
-        out += analysis_targets(d)  # rules/analysis.smk: spectral, spatial consistency, curves, UMAPs, scaling
+        out += analysis_targets(
+            d
+        )  # rules/analysis.smk: spectral, spatial consistency, curves, UMAPs, scaling
     return out

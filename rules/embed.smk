@@ -5,6 +5,15 @@ rule embed:
         cells="results/{dataset}/cells.h5ad",
     output:
         "results/{dataset}/embeddings/{modality}/{encoder}.parquet",
+    log:
+        "logs/{dataset}/embed_{modality}_{encoder}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    threads: 2
+    resources:
+        gpu=encoder_gpu,
+        mem_mb=16000,
+        runtime=240,
     params:
         enc=lambda wc: json.dumps(encoder_params(wc.encoder, wc.dataset)),
         patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
@@ -12,13 +21,6 @@ rule embed:
         batch_size=config["embed"]["batch_size"],
         workers=config["embed"]["num_workers"],
         seed=SEEDS[0],
-    log:
-        "logs/{dataset}/embed_{modality}_{encoder}.log",
-    threads: 2
-    resources:
-        gpu=encoder_gpu,
-        mem_mb=16000,
-        runtime=240,
     shell:
         "python -m workflow_scripts.embed --encoder {wildcards.encoder} --modality {wildcards.modality}"
         " --dataset {input.spots} --cells {input.cells} --out {output} --params {params.enc:q}"

@@ -13,6 +13,8 @@ rule figure_probe_scores:
         ),
     log:
         "logs/{dataset}/figure_probe_scores.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures probe_scores --probes {input} --out {output} --log {log}"
 
@@ -29,6 +31,8 @@ rule figure_sis_heatmap:
         ),
     log:
         "logs/{dataset}/figure_sis_heatmap.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures sis_heatmap --sis {input} --out {output} --log {log}"
 
@@ -45,5 +49,7 @@ rule figure_spatial_rings:
         ),
     log:
         "logs/{dataset}/figure_spatial_rings.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures spatial_rings --spatial {input} --out {output} --log {log}"

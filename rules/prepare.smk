@@ -11,14 +11,16 @@ rule prepare:
             category="{dataset}",
             subcategory="Quality control",
         ),
-    params:
-        cfg=lambda wc: json.dumps(ds_cfg(wc.dataset)),
-        seed=SEEDS[0],
     log:
         "logs/{dataset}/prepare.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
         runtime=30,
+    params:
+        cfg=lambda wc: json.dumps(ds_cfg(wc.dataset)),
+        seed=SEEDS[0],
     shell:
         "python -m workflow_scripts.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
         " --seed {params.seed} --spots {output.spots} --cells {output.cells}"

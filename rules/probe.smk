@@ -5,15 +5,17 @@ rule probe:
         spots="results/{dataset}/spots.h5ad",
     output:
         "results/{dataset}/probes/{embedding}/seed{seed}.tsv",
+    log:
+        "logs/{dataset}/probe_{embedding}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         tasks=lambda wc: tasks_json(wc.dataset),
         probe=json.dumps(config["probe"]),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
-    log:
-        "logs/{dataset}/probe_{embedding}_seed{seed}.log",
-    resources:
-        mem_mb=4000,
-        runtime=60,
     shell:
         "python -m workflow_scripts.probes --embedding {input.emb} --spots {input.spots}"
         " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
@@ -28,6 +30,13 @@ rule spatial_probe:
         spots="results/{dataset}/spots.h5ad",
     output:
         "results/{dataset}/spatial/{embedding}/seed{seed}.tsv",
+    log:
+        "logs/{dataset}/spatial_{embedding}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         tasks=lambda wc: json.dumps(
             {t: ds_cfg(wc.dataset)["tasks"][t] for t in spatial_cfg(wc.dataset).get("tasks", [])}
@@ -36,11 +45,6 @@ rule spatial_probe:
         probe=json.dumps(config["probe"]),
         spatial=json.dumps(config["spatial_probe"]),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
-    log:
-        "logs/{dataset}/spatial_{embedding}_seed{seed}.log",
-    resources:
-        mem_mb=4000,
-        runtime=60,
     shell:
         "python -m workflow_scripts.spatial_probe --embedding {input.emb} --spots {input.spots}"
         " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
@@ -62,6 +66,8 @@ rule collect_probes:
         ),
     log:
         "logs/{dataset}/collect_probes.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
         " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"
@@ -81,6 +87,8 @@ rule collect_spatial:
         ),
     log:
         "logs/{dataset}/collect_spatial.log",
+    conda:
+        "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
         " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"

@@ -9,9 +9,11 @@ rule sis:
             category="{dataset}",
             subcategory="Tables",
         ),
-    params:
-        methods=json.dumps(METHODS + [b for b in BASELINES if b == "random"]),
     log:
         "logs/{dataset}/sis.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        methods=json.dumps(METHODS + [b for b in BASELINES if b == "random"]),
     shell:
         "python -m workflow_scripts.sis --probes {input} --methods {params.methods:q} --out {output} --log {log}"

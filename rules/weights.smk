@@ -23,6 +23,8 @@ rule download_weights:
     wildcard_constraints:
         model="uni2h|nicheformer",
         filename=r"[^/]+",
+    conda:
+        "../envs/cellsynergy.yaml"
     params:
         repo_id=lambda wc: weights_config(config, wc.model)["repo_id"],
         repo_file=lambda wc: weights_config(config, wc.model)["filename"],

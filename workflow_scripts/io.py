@@ -139,3 +139,18 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         root.addHandler(h)
     logging.captureWarnings(True)
     return logging.getLogger("workflow_scripts")
+
+
+def write_result_table(df: pd.DataFrame, path: str | Path, dataset: str, embedding: str, seed: int) -> None:
+    """Write a per-embedding result table as TSV with the leading key columns ``dataset, embedding, seed``.
+
+    Used by the probe, spatial-probe and spatial-consistency CLIs, so their tables concatenate cleanly
+    (:mod:`workflow_scripts.tables`).
+    """
+    df = df.copy()
+    df.insert(0, "seed", seed)
+    df.insert(0, "embedding", embedding)
+    df.insert(0, "dataset", dataset)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, sep="\t", index=False)
+    log.info("wrote %d rows to %s", len(df), path)

@@ -38,7 +38,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, read_embedding, setup_logging
+from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table
 
 log = logging.getLogger(__name__)
 
@@ -396,12 +396,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
     df = run_probes(emb, adata, tasks, params, args.seed, args.min_class_size)
-    df.insert(0, "seed", args.seed)
-    df.insert(0, "embedding", args.name)
-    df.insert(0, "dataset", args.dataset)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, sep="\t", index=False)
-    log.info("wrote %d rows to %s", len(df), args.out)
+    write_result_table(df, args.out, args.dataset, args.name, args.seed)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     CoMM on all spots + probes of GEX / concat / CoMM for a post-trained GEX embedding (mode ``posttrain``).
     Both write the table with columns :data:`LEAD_COLUMNS` + the probe columns.
     """
-    import anndata as ad
     import torch
 
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.scaling", description=__doc__.split("\n")[0])

@@ -50,7 +50,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, read_embedding, setup_logging
+from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table
 
 log = logging.getLogger(__name__)
 
@@ -321,12 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     emb, obs = emb.loc[common], obs.loc[common]
     df = spatial_consistency(emb.to_numpy(), obs[["x_um", "y_um"]].to_numpy(dtype=float),
                              obs["slide"].astype(str).to_numpy(), params, args.seed)
-    df.insert(0, "seed", args.seed)
-    df.insert(0, "embedding", args.name)
-    df.insert(0, "dataset", args.dataset)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, sep="\t", index=False)
-    log.info("wrote %d rows to %s", len(df), args.out)
+    write_result_table(df, args.out, args.dataset, args.name, args.seed)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import anndata as ad
@@ -42,7 +41,7 @@ from scipy.spatial import cKDTree
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from .io import read_embedding, setup_logging
+from .io import read_embedding, setup_logging, write_result_table
 from .probes import (
     DEFAULT_ALPHAS,
     _json_arg,
@@ -305,12 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
     df = run_spatial_probe(emb, adata, tasks, edges, params, sparams, args.seed, args.min_class_size)
-    df.insert(0, "seed", args.seed)
-    df.insert(0, "embedding", args.name)
-    df.insert(0, "dataset", args.dataset)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, sep="\t", index=False)
-    log.info("wrote %d rows to %s", len(df), args.out)
+    write_result_table(df, args.out, args.dataset, args.name, args.seed)
 
 
 if __name__ == "__main__":

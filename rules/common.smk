@@ -20,30 +20,16 @@ BASELINES = list(config["baselines"])
 EMBEDDINGS = METHODS + BASELINES
 SEEDS = [int(s) for s in config["seeds"]]
 MODALITIES = ["gex", "img"]
+# every name the wildcards may take (the schema's enums; workflow_scripts.methods.METHODS, not imported to keep
+# parsing free of torch)
+ALL_METHODS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
+ALL_BASELINES = ["unimodal_gex", "unimodal_img", "random"]
 
 
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
-    method="|".join(
-        ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
-    ),
-    embedding="|".join(
-        [
-            "cca",
-            "dcca",
-            "comm",
-            "simclr",
-            "byol",
-            "simsiam",
-            "barlow_twins",
-            "vicreg",
-            "dim",
-            "concat",
-            "unimodal_gex",
-            "unimodal_img",
-            "random",
-        ]
-    ),
+    method="|".join(ALL_METHODS),
+    embedding="|".join(ALL_METHODS + ALL_BASELINES),
     modality="gex|img",
     encoder=r"[A-Za-z0-9_]+",
     seed=r"\d+",

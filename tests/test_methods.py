@@ -345,3 +345,14 @@ def test_bad_inputs_raise(toy):
         fit_method("concat", gex[:-1], img, {}, seed=0)
     with pytest.raises(ValueError, match="divisible"):
         build_model("comm", 4, 4, {"embed_dim": 10, "n_heads": 3})
+
+
+def test_rule_wildcards_list_exactly_the_registered_methods(repo):
+    """rules/common.smk keeps its own copy of the method names (to parse without torch); it must match."""
+    import re
+
+    from workflow_scripts.methods import METHODS
+
+    text = (repo / "rules/common.smk").read_text()
+    listed = re.search(r"ALL_METHODS = \[([^\]]*)\]", text).group(1)
+    assert [m.strip().strip('"') for m in listed.split(",")] == list(METHODS)

@@ -277,3 +277,36 @@ def test_bad_checkpoints_fail_with_instructions(tiny_assets, tmp_path):
     torch.save({"state_dict": dict(model.state_dict()), "hyper_parameters": {**TINY}}, tmp_path / "c.ckpt")
     with pytest.raises(WeightsError, match="trained with"):  # explicit arch that contradicts the file
         N.load_nicheformer(tmp_path / "c.ckpt", arch={"dim_model": 32})
+
+
+def test_a_cell_in_overlapping_patches_is_embedded_once(tiny_assets, tmp_path, caplog, monkeypatch):
+    """Cell-level data list (cell, patch) pairs; a shared cell is run through the model once and counts in both."""
+    import logging
+
+    torch.manual_seed(1)
+    model = N.build_nicheformer(arch=TINY).eval()
+    ckpt = tmp_path / "nicheformer.ckpt"
+    _lightning_ckpt(model, ckpt)
+    cells = tiny_assets["cells"]
+    # cell c2 (spot b) also lies in patch c: one more (cell, patch) row with the same cell_id and counts
+    dup = ad.concat([cells, cells[["c2"]]])
+    dup.obs_names = [f"r{i}" for i in range(dup.n_obs)]
+    dup.obs["spot_id"] = ["a", "a", "b", "b", "a", "c"]
+    dup.obs["cell_id"] = ["c0", "c1", "c2", "c3", "c4", "c2"]
+    seen = []
+    real = N.iter_cell_embeddings
+
+    def spy(model, ds, rows, *a, **k):
+        seen.extend(np.asarray(rows).tolist())
+        yield from real(model, ds, rows, *a, **k)
+
+    monkeypatch.setattr(N, "iter_cell_embeddings", spy)
+    caplog.set_level(logging.INFO)
+    ctx = EncodeContext(device="cpu", batch_size=2, extra={"cells": dup})
+    df = get_encoder("nicheformer").fn(tiny_assets["spots"], {**tiny_assets["params"], "weights": str(ckpt)}, ctx)
+    exp = _expected_spot_means(model, tiny_assets)
+    assert sorted(seen) == [0, 2, 4]  # c2 embedded once; c1 (no vocabulary gene) and c3 (zero) dropped
+    np.testing.assert_allclose(df.loc["a"].to_numpy(), exp["a"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(df.loc["b"].to_numpy(), exp["b"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(df.loc["c"].to_numpy(), exp["b"], rtol=1e-4, atol=1e-5)  # the same cell
+    assert "share 3 distinct cells" in caplog.text

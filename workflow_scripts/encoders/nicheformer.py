@@ -727,6 +727,37 @@ def prepare_cells(adata, cells, p: dict, vocab: pd.Index):
     return Xv, spot_idx, keep
 
 
+def shared_cells(cells, keep: np.ndarray):
+    """Embed each physical cell once when it belongs to several (overlapping) patches.
+
+    Cell-level datasets list one row per (cell, patch) pair (``obs['cell_id']`` repeats across patches with the
+    same counts). Returns ``(embed_rows, members)``: the rows of ``keep`` to run through the model (the first row
+    of each ``cell_id``) and a function ``members(rows, emb) -> (all_rows, emb_per_row)`` that hands each
+    representative's embedding to every kept row of the same cell. Without ``cell_id`` every kept row is embedded.
+    """
+    keep = np.asarray(keep, dtype=np.int64)
+    if cells is None or "cell_id" not in getattr(cells, "obs", {}) or len(keep) == 0:
+        return keep, lambda rows, emb: (rows, emb)
+    codes = pd.factorize(cells.obs["cell_id"].astype(str).to_numpy()[keep])[0]
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    _, first = np.unique(codes, return_index=True)
+    embed_rows = keep[np.sort(first)]
+    code_of_row = dict(zip(keep.tolist(), codes.tolist()))
+    if len(embed_rows) < len(keep):
+        log.info("nicheformer: %d (cell, patch) rows share %d distinct cells; each cell is embedded once",
+                 len(keep), len(embed_rows))
+
+    def members(rows, emb):
+        c = np.fromiter((code_of_row[int(r)] for r in rows), dtype=np.int64, count=len(rows))
+        lo = np.searchsorted(sorted_codes, c, "left")
+        hi = np.searchsorted(sorted_codes, c, "right")
+        idx = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+        return keep[order[idx]], np.repeat(emb, hi - lo, axis=0)
+
+    return embed_rows, members
+
+
 @register("nicheformer", "gex", needs_gpu=True, description="Nicheformer mean of last-layer token outputs per cell, averaged per spot (512-d)")
 def encode_nicheformer(adata, params: dict, ctx: EncodeContext) -> pd.DataFrame:
     """Nicheformer embedding of every spot: mean over its cells of the per-cell embedding (module docstring).
@@ -772,14 +803,17 @@ def encode_nicheformer(adata, params: dict, ctx: EncodeContext) -> pd.DataFrame:
                  len(keep), int(np.median(lengths)), int(lengths.max()), int((np.diff(Xv.indptr)[keep] + N_CONTEXT > max_seq_len).sum()), max_seq_len)
     sums = np.zeros((adata.n_obs, model.dim), dtype=np.float64)
     counts = np.zeros(adata.n_obs, dtype=np.int64)
+    embed_rows, members = shared_cells(ctx.extra.get("cells") if ctx.extra else None, keep)
     t0 = time.perf_counter()
-    for rows, emb in iter_cell_embeddings(model, ds, keep, device, ctx.batch_size, ctx.num_workers, int(p["layer"]),
-                                          bool(p["exclude_padding"]), p["precision"]):
+    for rows, emb in iter_cell_embeddings(model, ds, embed_rows, device, ctx.batch_size, ctx.num_workers,
+                                          int(p["layer"]), bool(p["exclude_padding"]), p["precision"]):
+        rows, emb = members(rows, emb)
         s = spot_idx[rows]
         np.add.at(sums, s, emb.astype(np.float64))
         np.add.at(counts, s, 1)
     dt = time.perf_counter() - t0
-    log.info("nicheformer: %d cells in %.1f s (%.1f cells/s) on %s, batch %d", len(keep), dt, len(keep) / max(dt, 1e-9), device, ctx.batch_size)
+    log.info("nicheformer: %d cells in %.1f s (%.1f cells/s) on %s, batch %d",
+             len(embed_rows), dt, len(embed_rows) / max(dt, 1e-9), device, ctx.batch_size)
     emb = np.full((adata.n_obs, model.dim), np.nan, dtype=np.float32)
     has = counts > 0
     emb[has] = (sums[has] / counts[has, None]).astype(np.float32)

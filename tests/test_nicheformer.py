@@ -289,7 +289,7 @@ def test_a_cell_in_overlapping_patches_is_embedded_once(tiny_assets, tmp_path, c
     _lightning_ckpt(model, ckpt)
     cells = tiny_assets["cells"]
     # cell c2 (spot b) also lies in patch c: one more (cell, patch) row with the same cell_id and counts
-    dup = ad.concat([cells, cells[["c2"]]])
+    dup = ad.concat([cells, cells[["c2"]]], index_unique="-")
     dup.obs_names = [f"r{i}" for i in range(dup.n_obs)]
     dup.obs["spot_id"] = ["a", "a", "b", "b", "a", "c"]
     dup.obs["cell_id"] = ["c0", "c1", "c2", "c3", "c4", "c2"]

@@ -25,7 +25,6 @@ PNG, 150 dpi.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -39,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .io import drop_invalid_rows, read_embedding, setup_logging  # noqa: E402
+from .io import drop_invalid_rows, json_arg, read_embedding, setup_logging  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.cmd == "training_curves":
         plot_training_curves(read_histories(args.histories), args.out)
     elif args.cmd == "umap_coords":
-        try:
-            params = json.loads(args.params)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--params: not valid JSON ({e})")
+        params = json_arg(args.params, "--params")
         params.pop("label", None)
         xy = umap_coords(read_embedding(args.embedding), params)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

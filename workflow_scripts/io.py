@@ -154,3 +154,11 @@ def write_result_table(df: pd.DataFrame, path: str | Path, dataset: str, embeddi
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, sep="\t", index=False)
     log.info("wrote %d rows to %s", len(df), path)
+
+
+def json_arg(text: str, option: str):
+    """Parse the JSON value of a CLI option; exits with a message naming ``option`` when it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{option}: not valid JSON ({e}): {text!r}")

@@ -24,7 +24,6 @@ n_classes, n_dropped_test, alpha``; the CLI prepends ``dataset, embedding, seed`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -38,7 +37,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table
+from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -363,13 +362,6 @@ def read_spots(path: str | Path) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
-def _json_arg(text: str, name: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{name}: not valid JSON ({e}): {text!r}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m workflow_scripts.probes --embedding E.parquet --spots spots.h5ad --dataset D
     --name NAME --seed S --tasks JSON --params JSON [--min-class-size N] --out OUT.tsv --log LOG``.
@@ -389,8 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
-    tasks = _json_arg(args.tasks, "--tasks")
-    params = _json_arg(args.params, "--params")
+    tasks = json_arg(args.tasks, "--tasks")
+    params = json_arg(args.params, "--params")
     log.info("probes: dataset %s, embedding %s, seed %d, tasks %s, params %s",
              args.dataset, args.name, args.seed, list(tasks), params)
     emb = read_embedding(args.embedding)

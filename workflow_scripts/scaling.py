@@ -39,7 +39,6 @@ n_fit, embedding``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .io import drop_invalid_rows, embedding_frame, intersect_tables, read_embedding, setup_logging
+from .io import drop_invalid_rows, embedding_frame, intersect_tables, read_embedding, setup_logging, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +240,6 @@ def _lead(df: pd.DataFrame, dataset: str, mode: str, config: str, fraction: floa
     return pd.concat([lead, df.drop(columns="embedding")], axis=1)
 
 
-def _json(text: str, name: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{name}: not valid JSON ({e}): {text!r}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI.
 
@@ -290,15 +282,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tasks = _json(args.tasks, "--tasks")
-    probe = _json(args.probe_params, "--probe-params")
-    comm = _json(args.comm_params, "--comm-params")
+    tasks = json_arg(args.tasks, "--tasks")
+    probe = json_arg(args.probe_params, "--probe-params")
+    comm = json_arg(args.comm_params, "--comm-params")
     from .probes import read_spots
 
     adata = read_spots(args.spots)
     img = read_embedding(args.img)
     if args.cmd == "offline":
-        params = _json(args.params, "--params")
+        params = json_arg(args.params, "--params")
         gex = read_embedding(args.gex) if args.gex else None
         table, n_fit = offline_scaling(adata, img, args.fraction, args.seed, params, tasks, probe, comm,
                                        args.min_class_size, gex, args.device)

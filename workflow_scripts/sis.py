@@ -17,7 +17,6 @@ fold × seed values, ``n`` their count.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .io import setup_logging
+from .io import setup_logging, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
-    try:
-        methods = json.loads(args.methods)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--methods: not valid JSON ({e}): {args.methods!r}")
+    methods = json_arg(args.methods, "--methods")
     if not isinstance(methods, list):
         raise SystemExit(f"--methods must be a JSON list, got {args.methods!r}")
     path = Path(args.probes)

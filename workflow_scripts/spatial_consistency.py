@@ -34,7 +34,6 @@ Output (long, one row per metric × fold): ``metric, fold, value, n_train, n_tes
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -50,7 +49,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table
+from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
     setup_logging(args.log)
-    try:
-        params = json.loads(args.params)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--params: not valid JSON ({e}): {args.params!r}")
+    params = json_arg(args.params, "--params")
     emb = drop_invalid_rows(read_embedding(args.embedding), f"embedding {args.name}")
     if not Path(args.spots).exists():
         raise FileNotFoundError(f"spots AnnData not found: {args.spots} (run the prepare rule first)")

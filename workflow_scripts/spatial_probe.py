@@ -41,10 +41,9 @@ from scipy.spatial import cKDTree
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from .io import read_embedding, setup_logging, write_result_table
+from .io import json_arg, read_embedding, setup_logging, write_result_table
 from .probes import (
     DEFAULT_ALPHAS,
-    _json_arg,
     check_task_spec,
     fit_classifier_fold,
     fit_regressor_fold,
@@ -295,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
-    tasks = _json_arg(args.tasks, "--tasks")
-    edges = _json_arg(args.ring_edges_um, "--ring-edges-um")
-    params = _json_arg(args.params, "--params")
-    sparams = _json_arg(args.spatial_params, "--spatial-params")
+    tasks = json_arg(args.tasks, "--tasks")
+    edges = json_arg(args.ring_edges_um, "--ring-edges-um")
+    params = json_arg(args.params, "--params")
+    sparams = json_arg(args.spatial_params, "--spatial-params")
     log.info("spatial probe: dataset %s, embedding %s, seed %d, tasks %s, rings %s µm",
              args.dataset, args.name, args.seed, list(tasks), edges)
     emb = read_embedding(args.embedding)

@@ -51,7 +51,6 @@ top_singular_value, p_eff, q_eff, n``). The CLI writes both as one TSV (summary 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, intersect_tables, read_embedding, setup_logging
+from .io import drop_invalid_rows, intersect_tables, read_embedding, setup_logging, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -424,10 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             df.to_csv(out, sep="\t", index=False)
         log.info("collected %d spectra (%d ranks) into %s and %s", len(summary), len(table), args.out, args.summary)
         return
-    try:
-        params = json.loads(args.params)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--params: not valid JSON ({e}): {args.params!r}")
+    params = json_arg(args.params, "--params")
     if args.cmd == "unimodal":
         t = intersect_tables({
             "GEX": drop_invalid_rows(read_embedding(args.gex), f"GEX embedding {args.gex}"),

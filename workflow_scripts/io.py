@@ -162,3 +162,22 @@ def json_arg(text: str, option: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise SystemExit(f"{option}: not valid JSON ({e}): {text!r}")
+
+
+def embedding_task_parser(prog: str, description: str):
+    """Argument parser with the options every per-embedding evaluation CLI shares.
+
+    ``--embedding`` (parquet), ``--spots`` (spots AnnData), ``--dataset``, ``--name`` (embedding name written in the
+    ``embedding`` column), ``--seed``, ``--out`` (TSV) and ``--log``; callers add their own options.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--embedding", required=True, help="embedding parquet (workflow_scripts.io format)")
+    p.add_argument("--spots", required=True, help="spots AnnData (results/<dataset>/spots.h5ad)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--name", required=True, help="embedding name written in the 'embedding' column")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True, help="output TSV")
+    p.add_argument("--log", default=None)
+    return p

@@ -23,7 +23,6 @@ n_classes, n_dropped_test, alpha``; the CLI prepends ``dataset, embedding, seed`
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -37,7 +36,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table, json_arg
+from .io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 
 log = logging.getLogger(__name__)
 
@@ -368,17 +367,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Writes the table of :func:`run_probes` with leading columns ``dataset, embedding, seed`` (TSV).
     """
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.probes", description=__doc__.split("\n")[0])
-    p.add_argument("--embedding", required=True, help="embedding parquet (workflow_scripts.io format)")
-    p.add_argument("--spots", required=True, help="spots AnnData (.h5ad)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--name", required=True, help="embedding name written in the 'embedding' column")
-    p.add_argument("--seed", type=int, required=True)
+    p = embedding_task_parser("python -m workflow_scripts.probes", __doc__.split("\n")[0])
     p.add_argument("--tasks", required=True, help="JSON dict {task: {type, label|obsm, exclude}}")
     p.add_argument("--params", required=True, help="JSON dict {n_folds, cv, logreg_max_iter, ridge_alphas}")
     p.add_argument("--min-class-size", type=int, default=10)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
     tasks = json_arg(args.tasks, "--tasks")

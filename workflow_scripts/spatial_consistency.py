@@ -33,7 +33,6 @@ Output (long, one row per metric × fold): ``metric, fold, value, n_train, n_tes
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -49,7 +48,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, read_embedding, setup_logging, write_result_table, json_arg
+from .io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 
 log = logging.getLogger(__name__)
 
@@ -289,16 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     import anndata as ad
 
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.spatial_consistency",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--embedding", required=True)
-    ap.add_argument("--spots", required=True, help="spots AnnData (.h5ad) with obs x_um, y_um, slide")
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--name", required=True, help="embedding name for the 'embedding' column")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = embedding_task_parser("python -m workflow_scripts.spatial_consistency", __doc__.split("\n")[0])
     ap.add_argument("--params", default="{}", help="JSON dict, config `spatial_consistency`")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
     setup_logging(args.log)
     params = json_arg(args.params, "--params")

@@ -29,7 +29,6 @@ usable neighbours); the CLI prepends ``dataset, embedding, seed``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Mapping, Sequence
 
@@ -41,7 +40,7 @@ from scipy.spatial import cKDTree
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from .io import json_arg, read_embedding, setup_logging, write_result_table
+from .io import embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 from .probes import (
     DEFAULT_ALPHAS,
     check_task_spec,
@@ -279,19 +278,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Writes the table of :func:`run_spatial_probe` with leading columns ``dataset, embedding, seed`` (TSV).
     """
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.spatial_probe", description=__doc__.split("\n")[0])
-    p.add_argument("--embedding", required=True)
-    p.add_argument("--spots", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p = embedding_task_parser("python -m workflow_scripts.spatial_probe", __doc__.split("\n")[0])
     p.add_argument("--tasks", required=True, help="JSON dict {task: spec} of the tasks to run")
     p.add_argument("--ring-edges-um", required=True, help="JSON list of ring edges in µm")
     p.add_argument("--params", required=True, help="JSON dict (config probe)")
     p.add_argument("--spatial-params", required=True, help="JSON dict (config spatial_probe)")
     p.add_argument("--min-class-size", type=int, default=10)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
     tasks = json_arg(args.tasks, "--tasks")

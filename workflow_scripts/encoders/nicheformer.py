@@ -80,6 +80,7 @@ from ..io import embedding_frame
 from ..weights import WeightsError, how_to_get, missing_weights_error
 from . import EncodeContext, register
 from .torch_utils import (
+    merge_arch,
     autocast,
     autocast_dtype,
     compare_state_dicts,
@@ -241,15 +242,7 @@ def n_parameters(model: nn.Module, include_template: bool = False) -> int:
 
 def nicheformer_arch(arch: dict | None = None, tiny: bool = False) -> dict:
     """:data:`ARCH` with :data:`TINY_ARCH` (if ``tiny``) and ``arch`` overrides; ValueError on unknown keys."""
-    arch = dict(arch or {})
-    unknown = sorted(set(arch) - set(ARCH))
-    if unknown:
-        raise ValueError(f"encoders.nicheformer.arch: unknown key(s) {unknown}; allowed: {sorted(ARCH)}")
-    out = dict(ARCH)
-    if tiny:
-        out.update(TINY_ARCH)
-    out.update(arch)
-    return out
+    return merge_arch(ARCH, TINY_ARCH, arch, tiny, "encoders.nicheformer.arch")
 
 
 def build_nicheformer(arch: dict | None = None, tiny: bool = False, device: str | torch.device = "cpu") -> Nicheformer:

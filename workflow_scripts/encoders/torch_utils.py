@@ -334,3 +334,20 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (ru_maxrss, process lifetime)"
+
+
+def merge_arch(full: dict, tiny_overrides: dict, arch: dict | None, tiny: bool, key: str) -> dict:
+    """An encoder's architecture: ``full``, then ``tiny_overrides`` (if ``tiny``), then the config's ``arch``.
+
+    ``key`` names the config key in the error (e.g. ``encoders.uni2h.arch``). Raises ValueError for override keys
+    that are not in ``full``.
+    """
+    arch = dict(arch or {})
+    unknown = sorted(set(arch) - set(full))
+    if unknown:
+        raise ValueError(f"{key}: unknown key(s) {unknown}; allowed: {sorted(full)}")
+    out = dict(full)
+    if tiny:
+        out.update(tiny_overrides)
+    out.update(arch)
+    return out

@@ -48,6 +48,7 @@ from ..patches import patch_reader
 from ..weights import WeightsError, how_to_get, missing_weights_error
 from . import EncodeContext, register
 from .torch_utils import (
+    merge_arch,
     PatchDataset,
     autocast,
     autocast_dtype,
@@ -94,14 +95,7 @@ def uni2h_kwargs(arch: dict | None = None, tiny: bool = False) -> dict:
     """
     import timm
 
-    arch = dict(arch or {})
-    unknown = sorted(set(arch) - set(ARCH))
-    if unknown:
-        raise ValueError(f"encoders.uni2h.arch: unknown key(s) {unknown}; allowed: {sorted(ARCH)}")
-    kw = dict(ARCH)
-    if tiny:
-        kw.update(TINY_ARCH)
-    kw.update(arch)
+    kw = merge_arch(ARCH, TINY_ARCH, arch, tiny, "encoders.uni2h.arch")
     kw["mlp_layer"] = timm.layers.SwiGLUPacked
     kw["act_layer"] = torch.nn.SiLU
     return kw

@@ -150,3 +150,19 @@ def test_missing_or_mismatched_weights_fail_with_instructions(tiny_spots, tmp_pa
 def test_unknown_param_is_rejected(tiny_spots):
     with pytest.raises(ValueError, match="unknown parameter"):
         get_encoder("uni2h").fn(tiny_spots[:2].copy(), {"weigths": "x"}, EncodeContext(device="cpu"))
+
+
+def test_architecture_overrides_are_checked_and_ordered():
+    """Config `arch` overrides win over the tiny preset, which wins over the full model; unknown keys fail."""
+    import pytest
+
+    from workflow_scripts.encoders.nicheformer import nicheformer_arch
+    from workflow_scripts.encoders.torch_utils import merge_arch
+
+    full, tiny = {"depth": 24, "embed_dim": 1536}, {"depth": 2, "embed_dim": 32}
+    assert merge_arch(full, tiny, None, False, "k") == full
+    assert merge_arch(full, tiny, {"depth": 3}, True, "k") == {"depth": 3, "embed_dim": 32}
+    with pytest.raises(ValueError, match=r"encoders.x.arch: unknown key\(s\) \['heads'\]"):
+        merge_arch(full, tiny, {"heads": 4}, False, "encoders.x.arch")
+    with pytest.raises(ValueError, match="encoders.nicheformer.arch"):
+        nicheformer_arch({"not_a_key": 1})

@@ -20,7 +20,11 @@ include: "rules/probe.smk"
 include: "rules/sis.smk"
 include: "rules/figures.smk"
 include: "rules/analysis_common.smk"
-include: "rules/analysis.smk"
+include: "rules/spectral.smk"
+include: "rules/spatial_consistency.smk"
+include: "rules/training_curves.smk"
+include: "rules/umap.smk"
+include: "rules/scaling.smk"
 
 
 localrules:
@@ -42,3 +46,9 @@ rule figures:
     """Rebuild only the figures (and the tables they read) from cached results."""
     input:
         [f for f in final_targets() if "/figures/" in f],
+
+
+rule analysis:
+    """Only the analyses beyond the probes (spectra, spatial consistency, scaling, training curves, UMAPs)."""
+    input:
+        [t for d in DATASETS for t in analysis_targets(d)],

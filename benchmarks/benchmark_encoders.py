@@ -53,7 +53,7 @@ from workflow_scripts.encoders.torch_utils import (  # noqa: E402
     resolve_device,
 )
 from workflow_scripts.io import setup_logging  # noqa: E402
-from workflow_scripts.patches import patch_reader  # noqa: E402
+from workflow_scripts.data.patches import patch_reader  # noqa: E402
 
 log = logging.getLogger("benchmark_encoders")
 

@@ -23,7 +23,7 @@ rule align:
         train=lambda wc: json.dumps(training_params(wc.method)),
         device=config["training"]["device"],
     shell:
-        "python -m workflow_scripts.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
+        "python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params {params.train:q} --out {output.z3} --model {output.model}"
         " --history {output.history} --views {output.views} --device {params.device} --threads {threads}"
         " --log {log}"
@@ -43,6 +43,6 @@ rule random_baseline:
     conda:
         "../envs/cellsynergy.yaml"
     shell:
-        "python -m workflow_scripts.align --method random --gex {input.gex} --img {input.img}"
+        "python -m workflow_scripts.methods.align --method random --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params '{{}}' --out {output.z3} --model {output.model}"
         " --history {output.history} --device cpu --threads 1 --no-progress --log {log}"

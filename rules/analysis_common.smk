@@ -1,4 +1,5 @@
-# Helpers, defaults and targets of rules/analysis.smk (kept apart from the rules, as snakemake --lint asks).
+# Helpers, defaults and targets of the analysis rules (rules/spectral.smk, spatial_consistency.smk,
+# training_curves.smk, umap.smk, scaling.smk), kept apart from the rules as snakemake --lint asks.
 
 ANALYSIS_DEFAULTS = {
     "spectral": {

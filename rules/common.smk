@@ -4,7 +4,7 @@ import json
 from snakemake.utils import min_version, validate
 
 from workflow_scripts.data import input_files as _dataset_input_files
-from workflow_scripts.encoders import get_encoder
+from workflow_scripts.encoders import encoder_needs_gpu
 
 min_version("9.19")  # profiles are read from profile.yaml since 9.19
 
@@ -75,7 +75,7 @@ def encoder_params(encoder, dataset):
 
 
 def encoder_gpu(wildcards):
-    return 1 if get_encoder(wildcards.encoder).needs_gpu else 0
+    return 1 if encoder_needs_gpu(wildcards.encoder) else 0
 
 
 def training_params(method):
@@ -134,5 +134,5 @@ def final_targets():
             out += [f"results/tables/{d}/spatial_summary.tsv", f"results/figures/{d}/spatial_rings.png"]
         out += analysis_targets(
             d
-        )  # rules/analysis.smk: spectral, spatial consistency, curves, UMAPs, scaling
+        )  # rules/analysis_common.smk: spectral, spatial consistency, curves, UMAPs, scaling
     return out

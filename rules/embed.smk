@@ -22,7 +22,7 @@ rule embed:
         workers=config["embed"]["num_workers"],
         seed=SEEDS[0],
     shell:
-        "python -m workflow_scripts.embed --encoder {wildcards.encoder} --modality {wildcards.modality}"
+        "python -m workflow_scripts.encoders.embed --encoder {wildcards.encoder} --modality {wildcards.modality}"
         " --dataset {input.spots} --cells {input.cells} --out {output} --params {params.enc:q}"
         " --device {params.device} --batch-size {params.batch_size} --num-workers {params.workers}"
         " --patch-um {params.patch_um} --seed {params.seed} --threads {threads} --log {log}"

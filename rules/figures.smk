@@ -16,7 +16,7 @@ rule figure_probe_scores:
     conda:
         "../envs/cellsynergy.yaml"
     shell:
-        "python -m workflow_scripts.figures probe_scores --probes {input} --out {output} --log {log}"
+        "python -m workflow_scripts.figures.evaluation probe_scores --probes {input} --out {output} --log {log}"
 
 
 rule figure_sis_heatmap:
@@ -34,7 +34,7 @@ rule figure_sis_heatmap:
     conda:
         "../envs/cellsynergy.yaml"
     shell:
-        "python -m workflow_scripts.figures sis_heatmap --sis {input} --out {output} --log {log}"
+        "python -m workflow_scripts.figures.evaluation sis_heatmap --sis {input} --out {output} --log {log}"
 
 
 rule figure_spatial_rings:
@@ -52,4 +52,4 @@ rule figure_spatial_rings:
     conda:
         "../envs/cellsynergy.yaml"
     shell:
-        "python -m workflow_scripts.figures spatial_rings --spatial {input} --out {output} --log {log}"
+        "python -m workflow_scripts.figures.evaluation spatial_rings --spatial {input} --out {output} --log {log}"

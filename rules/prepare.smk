@@ -22,6 +22,6 @@ rule prepare:
         cfg=lambda wc: json.dumps(ds_cfg(wc.dataset)),
         seed=SEEDS[0],
     shell:
-        "python -m workflow_scripts.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
+        "python -m workflow_scripts.data.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
         " --seed {params.seed} --spots {output.spots} --cells {output.cells}"
         " --qc-figure {output.qc} --log {log}"

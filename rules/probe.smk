@@ -17,7 +17,7 @@ rule probe:
         probe=json.dumps(config["probe"]),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
     shell:
-        "python -m workflow_scripts.probes --embedding {input.emb} --spots {input.spots}"
+        "python -m workflow_scripts.evaluation.probes --embedding {input.emb} --spots {input.spots}"
         " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
         " --tasks {params.tasks:q} --params {params.probe:q} --min-class-size {params.min_class}"
         " --out {output} --log {log}"
@@ -46,7 +46,7 @@ rule spatial_probe:
         spatial=json.dumps(config["spatial_probe"]),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
     shell:
-        "python -m workflow_scripts.spatial_probe --embedding {input.emb} --spots {input.spots}"
+        "python -m workflow_scripts.evaluation.spatial_probe --embedding {input.emb} --spots {input.spots}"
         " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
         " --tasks {params.tasks:q} --ring-edges-um {params.edges:q} --params {params.probe:q}"
         " --spatial-params {params.spatial:q} --min-class-size {params.min_class} --out {output} --log {log}"
@@ -69,8 +69,8 @@ rule collect_probes:
     conda:
         "../envs/cellsynergy.yaml"
     shell:
-        "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
-        " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"
+        "python -m workflow_scripts.evaluation.tables collect --inputs {input} --out {output.table} --log {log}"
+        " && python -m workflow_scripts.evaluation.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"
 
 
 rule collect_spatial:
@@ -90,5 +90,5 @@ rule collect_spatial:
     conda:
         "../envs/cellsynergy.yaml"
     shell:
-        "python -m workflow_scripts.tables collect --inputs {input} --out {output.table} --log {log}"
-        " && python -m workflow_scripts.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"
+        "python -m workflow_scripts.evaluation.tables collect --inputs {input} --out {output.table} --log {log}"
+        " && python -m workflow_scripts.evaluation.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"

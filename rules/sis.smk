@@ -16,4 +16,4 @@ rule sis:
     params:
         methods=json.dumps(METHODS + [b for b in BASELINES if b == "random"]),
     shell:
-        "python -m workflow_scripts.sis --probes {input} --methods {params.methods:q} --out {output} --log {log}"
+        "python -m workflow_scripts.evaluation.sis --probes {input} --methods {params.methods:q} --out {output} --log {log}"

@@ -1,4 +1,4 @@
-# Pretrained weights of the foundation-model encoders (workflow_scripts/weights.py).
+# Pretrained weights of the foundation-model encoders (workflow_scripts/encoders/weights.py).
 # Never part of `all`: the embed rule reads weights.<model>.path through its params, not as an input, so a
 # machine without the files fails in the encoder with a message that says where to get them. Fetch them
 # explicitly on a machine with internet access, e.g.
@@ -6,7 +6,7 @@
 #   HF_TOKEN=hf_... snakemake --cores 1 download_all_weights --configfile config/paper.yaml
 # The token is read by the Python code (HF_TOKEN, or a saved `hf auth login`), not declared with `envvars:`,
 # so that parsing the workflow never requires it.
-from workflow_scripts.weights import WEIGHT_SOURCES, weights_config
+from workflow_scripts.encoders.weights import WEIGHT_SOURCES, weights_config
 
 
 localrules:
@@ -30,7 +30,7 @@ rule download_weights:
         repo_file=lambda wc: weights_config(config, wc.model)["filename"],
         revision=lambda wc: weights_config(config, wc.model)["revision"] or "main",
     shell:
-        "python -m workflow_scripts.weights download --model {wildcards.model} --dest {output}"
+        "python -m workflow_scripts.encoders.weights download --model {wildcards.model} --dest {output}"
         " --repo-id {params.repo_id:q} --filename {params.repo_file:q} --revision {params.revision:q} --log {log}"
 
 

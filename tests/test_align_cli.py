@@ -1,4 +1,4 @@
-"""Round trips of the align CLI (python -m workflow_scripts.align) on tiny parquet embedding tables."""
+"""Round trips of the align CLI (python -m workflow_scripts.methods.align) on tiny parquet embedding tables."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts import align
+from workflow_scripts.methods import align
 from workflow_scripts.io import embedding_frame, read_embedding, read_embedding_meta, write_embedding
 
 torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def test_cli_subprocess_round_trip(tmp_path, tables):
     gex, img, expected = tables
     params = {"projection_dim": 8, "max_epochs": 3, "batch_size": 16}
     argv, out = run_cli(tmp_path, gex, img, "simclr", params, ["--views", str(tmp_path / "simclr.npz")])
-    proc = subprocess.run([sys.executable, "-m", "workflow_scripts.align", *argv], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "workflow_scripts.methods.align", *argv], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     z3 = read_embedding(out["parquet"])
     assert z3.index.tolist() == expected and z3.shape == (len(expected), 16)

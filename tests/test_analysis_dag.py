@@ -1,6 +1,6 @@
-"""Dry-run DAG tests of the analyses (rules/analysis.smk): spectra, spatial consistency, training curves, UMAPs,
-data scaling. They run the real Snakefile, which includes rules/analysis.smk and calls analysis_targets() from
-final_targets()."""
+"""Dry-run DAG tests of the analyses (rules/spectral.smk, spatial_consistency.smk, training_curves.smk, umap.smk,
+scaling.smk): spectra, spatial consistency, training curves, UMAPs, data scaling. They run the real Snakefile, which
+calls analysis_targets() from final_targets()."""
 
 import yaml
 

@@ -81,7 +81,7 @@ def test_same_seed_same_results(run, tmp_path):
     params = read_embedding_meta(done)["params"]
     out = tmp_path / "z.parquet"
     r = subprocess.run(
-        [sys.executable, "-m", "workflow_scripts.align", "--method", "simclr",
+        [sys.executable, "-m", "workflow_scripts.methods.align", "--method", "simclr",
          "--gex", str(run / "results/her2st/embeddings/gex/pca.parquet"),
          "--img", str(run / "results/her2st/embeddings/img/morphology.parquet"),
          "--seed", "0", "--params", json.dumps(params), "--out", str(out), "--model", str(tmp_path / "m.pt"),

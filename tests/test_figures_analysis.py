@@ -1,10 +1,11 @@
-"""Figures of the analyses (workflow_scripts/figures_analysis.py): summaries by hand, PNGs written, UMAP seeded."""
+"""Figures of the analyses (workflow_scripts/figures/analysis.py): summaries by hand, PNGs written, UMAP seeded."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import figures_analysis as fa
+from workflow_scripts.analysis import umap as umap_mod
+from workflow_scripts.figures import analysis as fa
 from workflow_scripts.io import embedding_frame
 
 
@@ -59,8 +60,8 @@ def test_umap_is_deterministic_and_separates_clusters():
     rng = np.random.default_rng(0)
     x = np.vstack([rng.normal(0, 1, (60, 6)), rng.normal(8, 1, (60, 6))])
     e = embedding_frame(x, [f"s{i}" for i in range(120)])
-    a = fa.umap_coords(e, {"n_neighbors": 10, "random_state": 3})
-    b = fa.umap_coords(e, {"n_neighbors": 10, "random_state": 3})
+    a = umap_mod.umap_coords(e, {"n_neighbors": 10, "random_state": 3})
+    b = umap_mod.umap_coords(e, {"n_neighbors": 10, "random_state": 3})
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy())
     c0, c1 = a.iloc[:60].mean().to_numpy(), a.iloc[60:].mean().to_numpy()
     spread = a.iloc[:60].std().mean()

@@ -16,7 +16,7 @@ import torch
 from workflow_scripts.encoders import EncodeContext, get_encoder
 from workflow_scripts.encoders import nicheformer as N
 from workflow_scripts.io import read_embedding
-from workflow_scripts.weights import WeightsError
+from workflow_scripts.encoders.weights import WeightsError
 
 torch.set_num_threads(1)
 
@@ -228,7 +228,7 @@ def test_lightning_ckpt_round_trip_with_cells(tiny_assets, tmp_path):
 def test_safetensors_release_round_trip_via_cli(tiny_assets, tmp_path):
     from safetensors.torch import save_file
 
-    from workflow_scripts.embed import main as embed_main
+    from workflow_scripts.encoders.embed import main as embed_main
 
     torch.manual_seed(2)
     model = N.build_nicheformer(arch=TINY).eval()

@@ -1,4 +1,4 @@
-"""Nicheformer masked-language-model post-training (workflow_scripts/nicheformer_mlm.py)."""
+"""Nicheformer masked-language-model post-training (workflow_scripts/analysis/nicheformer_mlm.py)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workflow_scripts import nicheformer_mlm as mlm
+from workflow_scripts.analysis import nicheformer_mlm as mlm
 from workflow_scripts.encoders.nicheformer import build_nicheformer, load_nicheformer
 
 CONTEXT = torch.tensor([5, 15, 4])

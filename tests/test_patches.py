@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workflow_scripts.patches import ArraySlide, cut_patch, patch_reader, patch_size_px
+from workflow_scripts.data.patches import ArraySlide, cut_patch, patch_reader, patch_size_px
 
 
 def test_patch_size_from_microns():

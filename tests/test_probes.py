@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.probes (linear probes with CV, reference §4)."""
+"""Tests for workflow_scripts.evaluation.probes (linear probes with CV, reference §4)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from workflow_scripts.data.model import validate_spots
 from workflow_scripts.io import embedding_frame, write_embedding
-from workflow_scripts.probes import (
+from workflow_scripts.evaluation.probes import (
     PROBE_COLUMNS,
     clean_labels,
     cv_splits,

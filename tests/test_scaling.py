@@ -1,4 +1,4 @@
-"""Data-scaling experiment, offline mode (workflow_scripts/scaling.py) on a tiny synthetic dataset."""
+"""Data-scaling experiment, offline mode (workflow_scripts/analysis/scaling.py) on a tiny synthetic dataset."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from workflow_scripts import scaling
+from workflow_scripts.analysis import scaling
 from workflow_scripts.encoders import EncodeContext
 from workflow_scripts.encoders.pca import encode_pca
 from workflow_scripts.io import embedding_frame, write_embedding

@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.sis (Synergistic Information Score, reference §6)."""
+"""Tests for workflow_scripts.evaluation.sis (Synergistic Information Score, reference §6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts.sis import SIS_COLUMNS, main, sis, sis_table
+from workflow_scripts.evaluation.sis import SIS_COLUMNS, main, sis, sis_table
 
 
 def probe_rows(dataset, embedding, task, metric, folds, seeds=(0,)):

@@ -1,4 +1,4 @@
-"""Spatial consistency: close-vs-far spot pairs within slides (workflow_scripts/spatial_consistency.py)."""
+"""Spatial consistency: close-vs-far spot pairs within slides (workflow_scripts/evaluation/spatial_consistency.py)."""
 
 import anndata as ad
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy.spatial.distance import pdist
 
-from workflow_scripts import spatial_consistency as sc
+from workflow_scripts.evaluation import spatial_consistency as sc
 from workflow_scripts.io import embedding_frame, write_embedding
 
 

@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.spatial_probe (neighbour rings in µm within slides, reference §5.1 / §11.14)."""
+"""Tests for workflow_scripts.evaluation.spatial_probe (neighbour rings in µm within slides, reference §5.1 / §11.14)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from workflow_scripts.data.model import validate_spots
 from workflow_scripts.io import embedding_frame, write_embedding
-from workflow_scripts.spatial_probe import SPATIAL_COLUMNS, main, ring_pairs, ring_targets, run_spatial_probe
-from workflow_scripts.probes import clean_labels
+from workflow_scripts.evaluation.spatial_probe import SPATIAL_COLUMNS, main, ring_pairs, ring_targets, run_spatial_probe
+from workflow_scripts.evaluation.probes import clean_labels
 
 EDGES = [0, 210, 300, 420, 600, 850, 1100]  # config default for the 200 µm legacy-ST grid
 PARAMS = {"n_folds": 5, "cv": "kfold", "logreg_max_iter": 500, "ridge_alphas": [0.1, 1.0, 10.0]}
@@ -169,7 +169,7 @@ def test_cli_writes_table(tmp_path):
 
 
 def test_unstratifiable_split_falls_back_with_log(caplog):
-    from workflow_scripts.spatial_probe import _split
+    from workflow_scripts.evaluation.spatial_probe import _split
 
     y = np.array(["a"] * 20 + ["b"])  # "b" has one member: stratification impossible
     with caplog.at_level(logging.INFO):

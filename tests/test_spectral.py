@@ -1,10 +1,10 @@
-"""Spectral analysis of the whitened cross-covariance (workflow_scripts/spectral.py)."""
+"""Spectral analysis of the whitened cross-covariance (workflow_scripts/analysis/spectral.py)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import spectral
+from workflow_scripts.analysis import spectral
 from workflow_scripts.io import embedding_frame, write_embedding
 
 

@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.tables (collect / summarise) and workflow_scripts.figures (CLIs)."""
+"""Tests for workflow_scripts.evaluation.tables (collect / summarise) and workflow_scripts.figures.evaluation (CLIs)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import figures, tables
-from workflow_scripts.probes import PROBE_COLUMNS
-from workflow_scripts.sis import sis_table
-from workflow_scripts.spatial_probe import SPATIAL_COLUMNS
+from workflow_scripts.evaluation import tables
+from workflow_scripts.figures import evaluation as figures
+from workflow_scripts.evaluation.probes import PROBE_COLUMNS
+from workflow_scripts.evaluation.sis import sis_table
+from workflow_scripts.evaluation.spatial_probe import SPATIAL_COLUMNS
 
 EMBEDDINGS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat",
               "unimodal_gex", "unimodal_img", "random"]

@@ -9,8 +9,8 @@ import torch
 from workflow_scripts.encoders import EncodeContext, get_encoder
 from workflow_scripts.encoders import uni2h as U
 from workflow_scripts.io import read_embedding
-from workflow_scripts.patches import patch_reader
-from workflow_scripts.weights import WeightsError
+from workflow_scripts.data.patches import patch_reader
+from workflow_scripts.encoders.weights import WeightsError
 
 torch.set_num_threads(1)
 
@@ -102,7 +102,7 @@ def test_save_load_embed_round_trip(tiny_spots, tmp_path, fmt):
 
 
 def test_embed_cli_and_parallel_workers_count_border_patches(tiny_spots, tmp_path):
-    from workflow_scripts.embed import main as embed_main
+    from workflow_scripts.encoders.embed import main as embed_main
 
     model = _tiny_model(seed=5)
     wpath = tmp_path / "pytorch_model.bin"

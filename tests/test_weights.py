@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workflow_scripts import weights as W
+from workflow_scripts.encoders import weights as W
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from workflow_scripts.data import tiling, xenium
 from workflow_scripts.data.model import validate_spots
-from workflow_scripts.patches import open_slide
+from workflow_scripts.data.patches import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
 PX_UM = 0.2125

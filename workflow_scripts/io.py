@@ -145,7 +145,7 @@ def write_result_table(df: pd.DataFrame, path: str | Path, dataset: str, embeddi
     """Write a per-embedding result table as TSV with the leading key columns ``dataset, embedding, seed``.
 
     Used by the probe, spatial-probe and spatial-consistency CLIs, so their tables concatenate cleanly
-    (:mod:`workflow_scripts.tables`).
+    (:mod:`workflow_scripts.evaluation.tables`).
     """
     df = df.copy()
     df.insert(0, "seed", seed)

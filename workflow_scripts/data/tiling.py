@@ -7,7 +7,7 @@ does not publish the patch geometry, so it is configured here:
 
 * Tiles are squares of side ``patch_um`` µm laid on a regular grid with step ``stride_um`` µm (overlapping
   when ``stride_um < patch_um``), in a metric frame of the slide image (H&E pixels × µm/px, so a tile is
-  exactly the axis-aligned square that :mod:`workflow_scripts.patches` cuts around the tile centre).
+  exactly the axis-aligned square that :mod:`workflow_scripts.data.patches` cuts around the tile centre).
   The grid starts at the smallest cell coordinate of the slide; tiles are indexed ``(kx, ky)``.
 * A cell belongs to every tile whose half-open square ``[x0, x0 + patch) × [y0, y0 + patch)`` contains its
   centroid, so with overlapping tiles a cell belongs to several tiles.

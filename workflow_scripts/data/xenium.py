@@ -22,10 +22,10 @@ Coordinate frames
   with µm/px(H&E) from the config (``um_per_px``) or the TIFF resolution tags.
 
 Patches are built by :mod:`workflow_scripts.data.tiling` in the H&E frame (H&E px × µm/px), so each patch is
-exactly the axis-aligned square that :mod:`workflow_scripts.patches` cuts from the image.
+exactly the axis-aligned square that :mod:`workflow_scripts.data.patches` cuts from the image.
 
 Dataset config keys are listed in ``docs/datasets.md`` ("Dataset keys"); :func:`build_dataset` is the
-entry point used by ``workflow_scripts/prepare.py`` for ``reader: xenium``.
+entry point used by ``workflow_scripts/data/prepare.py`` for ``reader: xenium``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 An encoder maps a spots AnnData (:mod:`workflow_scripts.data.model`) to an embedding table
 (:func:`workflow_scripts.io.embedding_frame`: spots × dims, indexed by spot id). Encoders register
-themselves with :func:`register`; the embed rule and the CLI (``python -m workflow_scripts.embed``)
+themselves with :func:`register`; the embed rule and the CLI (``python -m workflow_scripts.encoders.embed``)
 look them up by name, so new encoders need no change to the rules.
 
 Encoder call signature::
@@ -49,13 +49,16 @@ class EncoderSpec:
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
+_WEIGHT_CHECKS: dict[str, Callable] = {}
 
-# modules that register encoders when imported; kept lazy so that heavy deps (torch/timm) load only when used
-_BUILTIN_MODULES = {
-    "morphology": "workflow_scripts.encoders.morphology",
-    "pca": "workflow_scripts.encoders.pca",
-    "uni2h": "workflow_scripts.encoders.uni2h",
-    "nicheformer": "workflow_scripts.encoders.nicheformer",
+# built-in encoders: name -> (module that registers it when imported, modality, needs a GPU). Kept lazy so that
+# heavy dependencies (torch, timm) load only when an encoder is used, and so that planning the workflow
+# (``needs_gpu`` for the SLURM routing) imports nothing.
+_BUILTIN = {
+    "morphology": ("workflow_scripts.encoders.morphology", "img", False),
+    "pca": ("workflow_scripts.encoders.pca", "gex", False),
+    "uni2h": ("workflow_scripts.encoders.uni2h", "img", True),
+    "nicheformer": ("workflow_scripts.encoders.nicheformer", "gex", True),
 }
 
 
@@ -71,15 +74,51 @@ def register(name: str, modality: str, needs_gpu: bool = False, description: str
     return deco
 
 
+def register_weights_check(name: str):
+    """Decorator that registers ``fn(path, arch=None) -> dict`` as the weight check of encoder ``name``.
+
+    The check loads a weights file into the encoder's exact architecture and returns a key report
+    (``python -m workflow_scripts.encoders.weights check``).
+    """
+
+    def deco(fn):
+        _WEIGHT_CHECKS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_builtin(name: str) -> None:
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name][0])
+
+
 def get_encoder(name: str) -> EncoderSpec:
     """Return the registered encoder ``name``; raises KeyError listing the known encoders."""
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
+    _load_builtin(name)
     if name not in _REGISTRY:
-        raise KeyError(f"unknown encoder {name!r}; known: {sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))}")
+        raise KeyError(f"unknown encoder {name!r}; known: {known_encoders()}")
     return _REGISTRY[name]
+
+
+def get_weights_check(name: str) -> Callable:
+    """Return the weight check registered for encoder ``name``; KeyError when it has none."""
+    _load_builtin(name)
+    if name not in _WEIGHT_CHECKS:
+        raise KeyError(f"encoder {name!r} has no weight check; encoders with weights: {sorted(_WEIGHT_CHECKS)}")
+    return _WEIGHT_CHECKS[name]
+
+
+def encoder_needs_gpu(name: str) -> bool:
+    """Whether encoder ``name`` declares a GPU, without importing a built-in encoder's module.
+
+    Raises KeyError listing the known encoders.
+    """
+    if name in _BUILTIN:
+        return _BUILTIN[name][2]
+    return get_encoder(name).needs_gpu
 
 
 def known_encoders() -> list[str]:
     """Names of all built-in and registered encoders."""
-    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+    return sorted(set(_REGISTRY) | set(_BUILTIN))

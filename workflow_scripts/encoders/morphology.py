@@ -1,7 +1,7 @@
 """``morphology`` — the offline default image encoder: interpretable H&E features per spot patch.
 
 A weight-free stand-in for the paper's UNI2-h image encoder (reference §2.1). Every spot's patch is
-cut on demand (:func:`workflow_scripts.patches.patch_reader`: ``ctx.patch_um`` µm square resampled
+cut on demand (:func:`workflow_scripts.data.patches.patch_reader`: ``ctx.patch_um`` µm square resampled
 to ``ctx.patch_px`` px, so one patch pixel is ``ctx.patch_um / ctx.patch_px`` µm, 0.893 µm at the
 defaults 200 µm / 224 px) and described by hand-crafted features computed with scikit-image:
 
@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import embedding_frame
-from ..patches import patch_reader
+from ..data.patches import patch_reader
 from . import EncodeContext, register
 
 log = logging.getLogger(__name__)

@@ -77,8 +77,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..io import embedding_frame
-from ..weights import WeightsError, how_to_get, missing_weights_error
-from . import EncodeContext, register
+from .weights import WeightsError, how_to_get, missing_weights_error
+from . import EncodeContext, register, register_weights_check
 from .torch_utils import (
     merge_arch,
     autocast,
@@ -749,6 +749,14 @@ def shared_cells(cells, keep: np.ndarray):
         return keep[order[idx]], np.repeat(emb, hi - lo, axis=0)
 
     return embed_rows, members
+
+
+@register_weights_check("nicheformer")
+def check_nicheformer_weights(path: str | Path, arch: dict | None = None) -> dict:
+    """Key report of a Nicheformer weights file (.ckpt or safetensors) against the exact architecture, built on
+    the meta device; raises :class:`WeightsError` on any mismatch (see :func:`load_nicheformer`)."""
+    _, report = load_nicheformer(path, arch=arch, device="meta")
+    return report
 
 
 @register("nicheformer", "gex", needs_gpu=True, description="Nicheformer mean of last-layer token outputs per cell, averaged per spot (512-d)")

@@ -4,7 +4,7 @@
 * :func:`autocast_dtype` / :func:`autocast` — mixed precision on the GPU (bf16 where supported, else
   fp16; reference §2.1 runs UNI2-h under fp16 autocast), full fp32 on the CPU unless asked otherwise;
 * :class:`PatchDataset` + :func:`make_loader` — a DataLoader whose worker processes cut H&E patches
-  from the slide images in parallel (:class:`workflow_scripts.patches.PatchReader`), in slide order,
+  from the slide images in parallel (:class:`workflow_scripts.data.patches.PatchReader`), in slide order,
   into pinned memory when the target is a GPU;
 * :func:`load_checkpoint_file` — reads ``.safetensors`` or torch pickles (``.bin``/``.pt``/``.ckpt``)
   with ``torch.load(weights_only=True)``; classes a Lightning checkpoint names but that need not be
@@ -149,11 +149,11 @@ def make_loader(
 
 
 class PatchDataset(Dataset):
-    """Spot patches as uint8 tensors, cut on demand by a :class:`~workflow_scripts.patches.PatchReader`.
+    """Spot patches as uint8 tensors, cut on demand by a :class:`~workflow_scripts.data.patches.PatchReader`.
 
     Item ``k`` is ``(patch, spot_index, border)``: ``patch`` a ``(3, out_px, out_px)`` uint8 tensor
     (channels first, RGB), ``spot_index`` the row of the spot in the spots AnnData, ``border`` 1 if the
-    patch extends beyond the slide image (white-filled, see :mod:`workflow_scripts.patches`).
+    patch extends beyond the slide image (white-filled, see :mod:`workflow_scripts.data.patches`).
     ``indices`` default to the reader's slide-sorted order, so each worker decodes each slide image once
     (the reader caches the last slide per process). Normalisation happens on the target device (uint8
     transfers are 4× smaller than float32).

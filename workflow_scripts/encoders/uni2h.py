@@ -7,7 +7,7 @@ num_classes=0, no_embed_class=True, mlp_layer=timm.layers.SwiGLUPacked, act_laye
 reg_tokens=8, dynamic_img_size=True)`` — 681,394,176 parameters, 343 state-dict tensors.
 
 Input: the spot's H&E patch, ``ctx.patch_um`` µm wide, resampled to ``ctx.patch_px`` (224) px
-(:mod:`workflow_scripts.patches`), scaled to [0, 1] and normalised with the **ImageNet** mean
+(:mod:`workflow_scripts.data.patches`), scaled to [0, 1] and normalised with the **ImageNet** mean
 (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) — hard-coded, because timm's local default
 ``pretrained_cfg`` for this architecture name says mean = std = 0.5, which is wrong for UNI2-h
 (data_and_weights.md §C, "Pitfall").
@@ -17,7 +17,7 @@ Output: ``model(x)``, the 1536-d CLS token after the final LayerNorm (``global_p
 
 Weights: ``params["weights"]`` = path of ``pytorch_model.bin`` (or a ``.safetensors`` export), loaded
 with ``strict=True`` into a model built on the meta device (no 2.7 GB random initialisation); a missing
-file, a key or a shape mismatch raises :class:`workflow_scripts.weights.WeightsError` saying where to get
+file, a key or a shape mismatch raises :class:`workflow_scripts.encoders.weights.WeightsError` saying where to get
 the weights (Hugging Face ``MahmoodLab/UNI2-h``, gated, CC-BY-NC-ND-4.0) and which config key to set.
 ``weights: null`` with ``allow_random_weights: true`` builds randomly initialised weights — for tests and
 benchmarks only (logged as a warning). Note that cell_synergy loads with ``strict=False``; strict loading
@@ -44,9 +44,9 @@ import torch
 from tqdm import tqdm
 
 from ..io import embedding_frame
-from ..patches import patch_reader
-from ..weights import WeightsError, how_to_get, missing_weights_error
-from . import EncodeContext, register
+from ..data.patches import patch_reader
+from .weights import WeightsError, how_to_get, missing_weights_error
+from . import EncodeContext, register, register_weights_check
 from .torch_utils import (
     merge_arch,
     PatchDataset,
@@ -188,6 +188,7 @@ def load_uni2h(
     return model.to(device).eval()
 
 
+@register_weights_check("uni2h")
 def check_uni2h_weights(path: str | Path, arch: dict | None = None) -> dict:
     """Key report of a UNI2-h weights file against the architecture built on the meta device.
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .io import setup_logging, json_arg
+from ..io import setup_logging, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def sis_table(
 ) -> pd.DataFrame:
     """SIS per dataset × method × task × metric from the collected probe table.
 
-    ``probes``: long table of :mod:`workflow_scripts.probes` (columns ``dataset, embedding, task, metric,
+    ``probes``: long table of :mod:`workflow_scripts.evaluation.probes` (columns ``dataset, embedding, task, metric,
     value``, plus fold/seed), one row per fold × seed. ``methods``: embedding names to score (any names,
     e.g. the fused methods plus ``random`` as a sanity floor). The unimodal references are the embeddings
     ``gex_name`` and ``img_name``. Means are taken over all fold × seed values first, then the ratio
@@ -76,7 +76,7 @@ def sis_table(
     """
     missing = [c for c in PROBE_KEYS if c not in probes.columns]
     if missing:
-        raise ValueError(f"probe table lacks columns {missing} (expected the output of workflow_scripts.probes)")
+        raise ValueError(f"probe table lacks columns {missing} (expected the output of workflow_scripts.evaluation.probes)")
     present = set(probes["embedding"].astype(str))
     absent = [m for m in [*methods, gex_name, img_name] if m not in present]
     if absent:
@@ -116,9 +116,9 @@ def sis_table(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.sis --probes PROBES.tsv --methods JSON_LIST [--gex-name N]
+    """CLI: ``python -m workflow_scripts.evaluation.sis --probes PROBES.tsv --methods JSON_LIST [--gex-name N]
     [--img-name N] --out SIS.tsv --log LOG``; writes :func:`sis_table` as TSV."""
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.sis", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.evaluation.sis", description=__doc__.split("\n")[0])
     p.add_argument("--probes", required=True, help="collected probe table (TSV)")
     p.add_argument("--methods", required=True, help='JSON list of embedding names, e.g. ["cca", "comm"]')
     p.add_argument("--gex-name", default="unimodal_gex")

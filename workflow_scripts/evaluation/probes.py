@@ -36,7 +36,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from ..io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 
 log = logging.getLogger(__name__)
 
@@ -362,12 +362,12 @@ def read_spots(path: str | Path) -> ad.AnnData:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.probes --embedding E.parquet --spots spots.h5ad --dataset D
+    """CLI: ``python -m workflow_scripts.evaluation.probes --embedding E.parquet --spots spots.h5ad --dataset D
     --name NAME --seed S --tasks JSON --params JSON [--min-class-size N] --out OUT.tsv --log LOG``.
 
     Writes the table of :func:`run_probes` with leading columns ``dataset, embedding, seed`` (TSV).
     """
-    p = embedding_task_parser("python -m workflow_scripts.probes", __doc__.split("\n")[0])
+    p = embedding_task_parser("python -m workflow_scripts.evaluation.probes", __doc__.split("\n")[0])
     p.add_argument("--tasks", required=True, help="JSON dict {task: {type, label|obsm, exclude}}")
     p.add_argument("--params", required=True, help="JSON dict {n_folds, cv, logreg_max_iter, ridge_alphas}")
     p.add_argument("--min-class-size", type=int, default=10)

@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, intersect_tables, read_embedding, setup_logging, json_arg
+from ..io import drop_invalid_rows, intersect_tables, read_embedding, setup_logging, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -386,17 +386,17 @@ def collect(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI.
 
-    ``python -m workflow_scripts.spectral unimodal --gex GEX.parquet --img IMG.parquet --dataset D --params JSON
+    ``python -m workflow_scripts.analysis.spectral unimodal --gex GEX.parquet --img IMG.parquet --dataset D --params JSON
     --seed S --out OUT.tsv --log LOG``: spectrum between the two unimodal embeddings (source ``unimodal``).
 
-    ``python -m workflow_scripts.spectral views --views V.npz --dataset D --method M --seed S --params JSON
+    ``python -m workflow_scripts.analysis.spectral views --views V.npz --dataset D --method M --seed S --params JSON
     --out OUT.tsv --log LOG``: spectrum between a method's two projected views (source = method).
     Output of both: :func:`spectrum_frame` with leading columns ``dataset, source, seed``.
 
-    ``python -m workflow_scripts.spectral collect --inputs A.tsv ... --out ALL.tsv --summary SUMMARY.tsv --log LOG``:
+    ``python -m workflow_scripts.analysis.spectral collect --inputs A.tsv ... --out ALL.tsv --summary SUMMARY.tsv --log LOG``:
     :func:`collect`.
     """
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.spectral", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.analysis.spectral", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     u = sub.add_parser("unimodal", help="spectrum between the GEX and IMG embeddings")
     u.add_argument("--gex", required=True)

@@ -6,7 +6,7 @@ with sample patches and their spot ids.
 
 CLI::
 
-    python -m workflow_scripts.prepare --dataset her2st --params '{...dataset config...}' \
+    python -m workflow_scripts.data.prepare --dataset her2st --params '{...dataset config...}' \
         --seed 0 --spots results/her2st/spots.h5ad --cells results/her2st/cells.h5ad \
         --qc-figure results/her2st/qc/patches.png --log logs/her2st/prepare.log
 """
@@ -23,14 +23,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .data.model import validate_spots
-from .io import setup_logging
+from .model import validate_spots
+from ..io import setup_logging
 
 log = logging.getLogger(__name__)
 
 # reader name -> "module:function"; every function has the signature (params: dict, seed: int) -> (spots, cells|None)
 READERS = {
-    "her2st": "workflow_scripts.prepare:build_her2st",
+    "her2st": "workflow_scripts.data.prepare:build_her2st",
     "xenium": "workflow_scripts.data.xenium:build_dataset",
     "visium": "workflow_scripts.data.visium:build_dataset",
 }
@@ -38,7 +38,7 @@ READERS = {
 
 def build_her2st(params: dict, seed: int):
     """Reader adapter for HER2ST (``reader: her2st``); returns ``(spots, None)``."""
-    from .data.her2st import read_her2st
+    from .her2st import read_her2st
 
     spots = read_her2st(
         params["resource_dir"],

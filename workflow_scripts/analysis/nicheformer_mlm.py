@@ -37,7 +37,7 @@ returns the logits of the selected positions only. :class:`NicheformerMLM` wraps
 :class:`workflow_scripts.encoders.nicheformer.Nicheformer`
 (token + learnable positional embedding → encoder layers with the key-padding mask → ``classifier_head``).
 
-The CLI post-trains on a seeded nested fraction (:func:`workflow_scripts.scaling.fraction_subset`) of the
+The CLI post-trains on a seeded nested fraction (:func:`workflow_scripts.analysis.scaling.fraction_subset`) of the
 cells of an AnnData, tokenised as the Nicheformer encoder does, and writes a Lightning-style checkpoint
 (``{"state_dict", "hyper_parameters", "posttrain"}``) that the ``nicheformer`` encoder loads
 (``encoders.nicheformer.weights``).
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .io import setup_logging
+from ..io import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: Mapping) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.nicheformer_mlm --cells CELLS.h5ad --encoder-params JSON --config NAME
+    """CLI: ``python -m workflow_scripts.analysis.nicheformer_mlm --cells CELLS.h5ad --encoder-params JSON --config NAME
     --params JSON --fraction F --seed S [--device auto] --out CKPT --history TSV --log LOG``.
 
     ``--encoder-params``: ``encoders.nicheformer`` (weights of the model to continue from, vocabulary,
@@ -380,13 +380,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     :data:`CONFIGS` (or ``custom``) whose lr / weight decay / batch size are the base; ``--params`` (config
     ``scaling.posttrain.train`` merged with ``scaling.posttrain.configs.<name>``) overrides them.
     """
-    from .encoders import nicheformer as nf
-    from .encoders.torch_utils import resolve_device, resolve_resource
+    from ..encoders import nicheformer as nf
+    from ..encoders.torch_utils import resolve_device, resolve_resource
     from .scaling import fraction_subset
 
     import anndata as ad
 
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.nicheformer_mlm", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.analysis.nicheformer_mlm", description=__doc__.split("\n")[0])
     ap.add_argument("--cells", required=True, help="AnnData of training cells (raw counts, gene symbols or Ensembl ids)")
     ap.add_argument("--encoder-params", default="{}", help="JSON, config encoders.nicheformer")
     ap.add_argument("--config", default="cfg1", help=f"one of {sorted(CONFIGS)} or 'custom'")

@@ -16,9 +16,9 @@ where to get them. Fetching is a separate, explicit step (rule ``download_weight
 
 CLI::
 
-    HF_TOKEN=hf_... python -m workflow_scripts.weights download --model uni2h \
+    HF_TOKEN=hf_... python -m workflow_scripts.encoders.weights download --model uni2h \
         --dest resources/weights/uni2h/pytorch_model.bin --log logs/weights/uni2h.log
-    python -m workflow_scripts.weights check --model nicheformer \
+    python -m workflow_scripts.encoders.weights check --model nicheformer \
         --path resources/weights/nicheformer/model.safetensors --log check.log
 
 ``download`` writes the file atomically and, next to it, ``<file>.provenance.json`` (repo id, file name,
@@ -39,7 +39,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import setup_logging
+from ..io import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def how_to_get(model: str) -> str:
     return (
         f"Get the {model} weights from Hugging Face {s.repo_id} ({s.page}; licence {s.licence}).{token} "
         f"Fetch them with `HF_TOKEN=... snakemake --cores 1 {s.default_path}` (rule download_weights) or "
-        f"`python -m workflow_scripts.weights download --model {model} --dest {s.default_path}`, or manually: "
+        f"`python -m workflow_scripts.encoders.weights download --model {model} --dest {s.default_path}`, or manually: "
         f"{s.manual}. Then set the config key weights.{model}.path (passed to the encoder as "
         f"encoders.{model}.weights / --weights PATH)."
     )
@@ -266,16 +266,11 @@ def check_weights(model: str, path: str | Path, arch: dict | None = None) -> dic
     Returns ``{"missing": [...], "unexpected": [...], "mismatched": [...], "n_tensors": int, ...}``; raises
     :class:`WeightsError` when the file is absent or does not fit (see the encoder modules).
     """
-    if model == "uni2h":
-        from .encoders.uni2h import check_uni2h_weights
+    from . import get_weights_check
 
-        return check_uni2h_weights(path, arch)
-    if model == "nicheformer":
-        from .encoders.nicheformer import load_nicheformer
-
-        _, report = load_nicheformer(path, arch=arch, device="meta")
-        return report
-    raise KeyError(f"no weight check for model {model!r}; known: {sorted(WEIGHT_SOURCES)}")
+    if model not in WEIGHT_SOURCES:
+        raise KeyError(f"no weight check for model {model!r}; known: {sorted(WEIGHT_SOURCES)}")
+    return get_weights_check(model)(path, arch)
 
 
 def main(argv=None) -> None:

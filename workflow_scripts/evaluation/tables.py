@@ -1,7 +1,7 @@
 """Collect per-embedding result tables and summarise them (mean ± sd over folds/repeats and seeds).
 
-``collect``: concatenate the TSVs written by :mod:`workflow_scripts.probes` or
-:mod:`workflow_scripts.spatial_probe` (one per dataset × embedding × seed) into one long table.
+``collect``: concatenate the TSVs written by :mod:`workflow_scripts.evaluation.probes` or
+:mod:`workflow_scripts.evaluation.spatial_probe` (one per dataset × embedding × seed) into one long table.
 ``summarise``: mean, sd (``np.std``, ddof 0, as the reference reports, §4) and count of ``value`` per group.
 
 Default groups: probe tables (they have a ``fold`` column) →
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .io import setup_logging
+from ..io import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,10 @@ def summarise(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.tables collect --inputs A.tsv B.tsv ... --out ALL.tsv --log LOG``
-    and ``python -m workflow_scripts.tables summarise --input ALL.tsv --out SUMMARY.tsv [--by COL ...]
+    """CLI: ``python -m workflow_scripts.evaluation.tables collect --inputs A.tsv B.tsv ... --out ALL.tsv --log LOG``
+    and ``python -m workflow_scripts.evaluation.tables summarise --input ALL.tsv --out SUMMARY.tsv [--by COL ...]
     --log LOG``."""
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.tables", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.evaluation.tables", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="concatenate result TSVs")
     c.add_argument("--inputs", nargs="+", required=True)

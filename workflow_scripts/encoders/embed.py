@@ -3,9 +3,9 @@
 Works inside the workflow (rule ``embed``) and on its own, e.g. to embed your own data or to check a
 checkpoint::
 
-    python -m workflow_scripts.embed --encoder uni2h --weights /path/to/pytorch_model.bin \
+    python -m workflow_scripts.encoders.embed --encoder uni2h --weights /path/to/pytorch_model.bin \
         --dataset results/her2st/spots.h5ad --out uni2h.parquet --device cuda --batch-size 64
-    python -m workflow_scripts.embed --encoder pca --dataset results/her2st/spots.h5ad --out pca.parquet
+    python -m workflow_scripts.encoders.embed --encoder pca --dataset results/her2st/spots.h5ad --out pca.parquet
 
 Output: an embedding table (:mod:`workflow_scripts.io`), one row per spot, with the encoder name,
 parameters and (where the encoder provides them) feature names in its metadata. Rows that come out
@@ -22,8 +22,8 @@ import time
 import anndata as ad
 import numpy as np
 
-from .encoders import EncodeContext, get_encoder, known_encoders
-from .io import setup_logging, write_embedding
+from . import EncodeContext, get_encoder, known_encoders
+from ..io import setup_logging, write_embedding
 
 log = logging.getLogger(__name__)
 

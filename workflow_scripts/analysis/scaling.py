@@ -11,7 +11,7 @@ fraction f takes its first max(``min_items``, ceil(f·n)) items, so the subsets 
 ``np.random.seed(42)``, §7 step 1); nesting is a deliberate change: the curve then shows the effect of
 adding data rather than of a different random draw per point, and the seeds give the spread.
 
-Mode ``posttrain`` (the paper's experiment; :mod:`workflow_scripts.nicheformer_mlm` and the rules)
+Mode ``posttrain`` (the paper's experiment; :mod:`workflow_scripts.analysis.nicheformer_mlm` and the rules)
 --------------------------------------------------------------------------------------------------
 Nicheformer is post-trained with its masked-language-model objective on fraction f of the training cells
 (3 lr/wd configurations), the evaluation spots are re-embedded with each checkpoint, CoMM is trained on all
@@ -30,7 +30,7 @@ has parameters fitted to data, and so does the alignment interface. Fraction f o
 * ``alignment``: to train CoMM (:func:`workflow_scripts.methods.fit_method`); the trained model then embeds
   **all** spots (:func:`workflow_scripts.methods.embed_with_state`).
 
-The image embedding is frozen and never subsampled. Probes (:func:`workflow_scripts.probes.run_probes`) always
+The image embedding is frozen and never subsampled. Probes (:func:`workflow_scripts.evaluation.probes.run_probes`) always
 run on all spots, for ``gex`` (the fraction-fitted GEX embedding), ``concat`` = [IMG ‖ GEX] (reference §3.4)
 and ``comm`` (Z3). Output: the probe table with leading columns ``dataset, mode, config, fraction, seed,
 n_fit, embedding``.
@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .io import drop_invalid_rows, embedding_frame, intersect_tables, read_embedding, setup_logging, json_arg
+from ..io import drop_invalid_rows, embedding_frame, intersect_tables, read_embedding, setup_logging, json_arg
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class FractionPCA:
     """
 
     def __init__(self, params: Mapping | None = None, seed: int = 0):
-        from .encoders.pca import _check_params
+        from ..encoders.pca import _check_params
 
         self.p = _check_params(dict(params or {}))
         self.seed = int(seed)
@@ -159,10 +159,10 @@ def evaluate_embeddings(z_gex: pd.DataFrame, z_img: pd.DataFrame, adata, tasks: 
     ``z_gex`` (n, d_gex) and ``z_img`` (n, d_img): embedding tables with the same spot ids in the same order,
     finite. ``fit_rows``: row positions CoMM is trained on (None = all); Z3 is computed for all rows.
     ``comm_params``: the ``training`` block merged with ``training.method_params.comm``.
-    Returns the probe table (:data:`workflow_scripts.probes.PROBE_COLUMNS`) with an ``embedding`` column first.
+    Returns the probe table (:data:`workflow_scripts.evaluation.probes.PROBE_COLUMNS`) with an ``embedding`` column first.
     """
-    from .methods import embed_with_state, fit_method
-    from .probes import run_probes
+    from ..methods import embed_with_state, fit_method
+    from ..evaluation.probes import run_probes
 
     if not z_gex.index.equals(z_img.index):
         raise ValueError("evaluate_embeddings: GEX and IMG tables must have the same spot ids in the same order")
@@ -243,18 +243,18 @@ def _lead(df: pd.DataFrame, dataset: str, mode: str, config: str, fraction: floa
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI.
 
-    ``python -m workflow_scripts.scaling offline --spots S.h5ad --img IMG.parquet [--gex GEX.parquet] --dataset D
+    ``python -m workflow_scripts.analysis.scaling offline --spots S.h5ad --img IMG.parquet [--gex GEX.parquet] --dataset D
     --fraction F --seed S --params JSON --tasks JSON --probe-params JSON --comm-params JSON --min-class-size N
     [--device auto] --out OUT.tsv --log LOG``: one point of the offline curve.
 
-    ``python -m workflow_scripts.scaling evaluate --spots S.h5ad --gex GEX.parquet --img IMG.parquet --dataset D
+    ``python -m workflow_scripts.analysis.scaling evaluate --spots S.h5ad --gex GEX.parquet --img IMG.parquet --dataset D
     --config CFG --fraction F --seed S [--n-fit N | --history H.tsv] --tasks JSON --probe-params JSON --comm-params JSON ... --out OUT.tsv``:
     CoMM on all spots + probes of GEX / concat / CoMM for a post-trained GEX embedding (mode ``posttrain``).
     Both write the table with columns :data:`LEAD_COLUMNS` + the probe columns.
     """
     import torch
 
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.scaling", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.analysis.scaling", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("offline", help="offline encoders: fraction of spots fits the GEX encoder and CoMM")
     o.add_argument("--gex", default=None, help="precomputed GEX embedding (when gex_encoder is not subsampled)")
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tasks = json_arg(args.tasks, "--tasks")
     probe = json_arg(args.probe_params, "--probe-params")
     comm = json_arg(args.comm_params, "--comm-params")
-    from .probes import read_spots
+    from ..evaluation.probes import read_spots
 
     adata = read_spots(args.spots)
     img = read_embedding(args.img)
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.history:
             h = pd.read_csv(args.history, sep="\t")
             if "n_cells" not in h.columns or not len(h):
-                raise ValueError(f"{args.history}: no n_cells column/rows (written by workflow_scripts.nicheformer_mlm)")
+                raise ValueError(f"{args.history}: no n_cells column/rows (written by workflow_scripts.analysis.nicheformer_mlm)")
             n_fit = int(h["n_cells"].iloc[0])
         table = _lead(table, args.dataset, "posttrain", args.config, args.fraction, args.seed, n_fit)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

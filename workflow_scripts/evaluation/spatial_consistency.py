@@ -48,7 +48,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from .io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from ..io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def spatial_consistency(emb: np.ndarray, coords: np.ndarray, slides: np.ndarray,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.spatial_consistency --embedding E.parquet --spots spots.h5ad --dataset D
+    """CLI: ``python -m workflow_scripts.evaluation.spatial_consistency --embedding E.parquet --spots spots.h5ad --dataset D
     --name NAME --seed S --params JSON --out OUT.tsv --log LOG``.
 
     Spots without a finite embedding row or absent from the spots table are dropped (counted in the log).
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     import anndata as ad
 
-    ap = embedding_task_parser("python -m workflow_scripts.spatial_consistency", __doc__.split("\n")[0])
+    ap = embedding_task_parser("python -m workflow_scripts.evaluation.spatial_consistency", __doc__.split("\n")[0])
     ap.add_argument("--params", default="{}", help="JSON dict, config `spatial_consistency`")
     args = ap.parse_args(argv)
     setup_logging(args.log)

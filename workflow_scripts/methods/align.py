@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m workflow_scripts.align --method M --gex GEX.parquet --img IMG.parquet --seed S \
+    python -m workflow_scripts.methods.align --method M --gex GEX.parquet --img IMG.parquet --seed S \
         --params '{"batch_size": 32, ...}' --out Z3.parquet --model MODEL.pt --history HIST.tsv \
         [--views VIEWS.npz] [--device auto] [--threads N] [--no-progress] --log LOG
 
@@ -52,7 +52,7 @@ def parse_params(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.align", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.methods.align", description=__doc__.split("\n")[0])
     ap.add_argument("--method", required=True, choices=list(METHODS + BASELINES))
     ap.add_argument("--gex", required=True, help="GEX embedding table (parquet)")
     ap.add_argument("--img", required=True, help="IMG embedding table (parquet)")

@@ -7,8 +7,8 @@
 * ``spatial_rings``: neighbour-ring probe score vs the ring's outer radius (µm), one line per embedding,
   one panel per dataset × task, error bars = sd over repeats × seeds.
 
-Inputs are the TSVs of :mod:`workflow_scripts.tables` (``summarise``; a long table with a ``value`` column
-is summarised on the fly) and :mod:`workflow_scripts.sis`. Output: PNG, 150 dpi.
+Inputs are the TSVs of :mod:`workflow_scripts.evaluation.tables` (``summarise``; a long table with a ``value`` column
+is summarised on the fly) and :mod:`workflow_scripts.evaluation.sis`. Output: PNG, 150 dpi.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .io import setup_logging  # noqa: E402
-from .tables import read_table, summarise  # noqa: E402
+from ..io import setup_logging  # noqa: E402
+from ..evaluation.tables import read_table, summarise  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def plot_probe_scores(summary: pd.DataFrame, out: str | Path) -> None:
 def plot_sis_heatmap(sis: pd.DataFrame, out: str | Path) -> None:
     """Figure (ii): SIS per method (rows) × task (metric) (columns); colour map centred at 0.
 
-    ``sis``: the table of :mod:`workflow_scripts.sis`. NaN cells (undefined SIS) are grey, written "n/a".
+    ``sis``: the table of :mod:`workflow_scripts.evaluation.sis`. NaN cells (undefined SIS) are grey, written "n/a".
     Raises ValueError when the table is empty.
     """
     if sis.empty:
@@ -206,10 +206,10 @@ def plot_spatial_rings(summary: pd.DataFrame, out: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.figures probe_scores --probes PROBES.tsv --out FIG.png --log LOG``;
+    """CLI: ``python -m workflow_scripts.figures.evaluation probe_scores --probes PROBES.tsv --out FIG.png --log LOG``;
     ``... sis_heatmap --sis SIS.tsv --out FIG.png --log LOG``;
     ``... spatial_rings --spatial SPATIAL.tsv --out FIG.png --log LOG``."""
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.figures", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.figures.evaluation", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("probe_scores")
     a.add_argument("--probes", required=True, help="probe summary (or long) table, TSV")

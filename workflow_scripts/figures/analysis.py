@@ -2,7 +2,7 @@
 
 Subcommands (each reads only result tables, so redrawing a figure reruns no analysis):
 
-* ``spectral``: singular values of the whitened cross-covariance (:mod:`workflow_scripts.spectral`) per rank,
+* ``spectral``: singular values of the whitened cross-covariance (:mod:`workflow_scripts.analysis.spectral`) per rank,
   one panel per source (``unimodal`` = GEX vs IMG embeddings, then each method's two projected views); one
   line per seed; the shuffled-pairing permutation null as a grey band (α … 1−α quantiles) with its median
   dashed; a vertical line at the number K of significant directions; last panel: K per source
@@ -14,10 +14,8 @@ Subcommands (each reads only result tables, so redrawing a figure reruns no anal
   over folds when there is one seed); a fraction-0 (pretrained) row is drawn as a horizontal dotted line.
 * ``training_curves``: training and validation loss per epoch for every method (panel) and seed (colour),
   from the align rule's ``*.history.tsv``; a dot marks the epoch with the best smoothed validation loss.
-* ``umap_coords``: 2-D UMAP (McInnes et al. 2018, ``umap-learn``) of one embedding: per-feature
-  standardisation → PCA to ≤ ``n_pca`` dims → UMAP(n_neighbors, min_dist, metric, random_state);
-  deterministic for a fixed ``random_state`` (single-threaded). Writes ``spot_id, umap1, umap2``.
-* ``umap``: grid of the UMAPs of all embeddings coloured by a label column or by slide.
+* ``umap``: grid of the UMAPs of all embeddings (coordinates from :mod:`workflow_scripts.analysis.umap`)
+  coloured by a label column or by slide.
 
 PNG, 150 dpi.
 """
@@ -38,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .io import drop_invalid_rows, json_arg, read_embedding, setup_logging  # noqa: E402
+from ..io import setup_logging  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -257,41 +255,6 @@ def plot_training_curves(h: pd.DataFrame, out: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ UMAP
-UMAP_DEFAULTS = {"n_neighbors": 15, "min_dist": 0.3, "metric": "euclidean", "n_pca": 50, "random_state": 0,
-                 "label": None, "max_spots": None}
-
-
-def umap_coords(emb: pd.DataFrame, params: Mapping | None = None) -> pd.DataFrame:
-    """2-D UMAP coordinates of an embedding table (module docstring); returns ``spot_id``-indexed ``umap1, umap2``.
-
-    ``params``: :data:`UMAP_DEFAULTS` (``max_spots``: seeded subsample for very large tables, logged).
-    Raises ValueError for unknown keys or fewer than 4 rows.
-    """
-    import umap
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    p = {**UMAP_DEFAULTS, **dict(params or {})}
-    unknown = sorted(set(p) - set(UMAP_DEFAULTS))
-    if unknown:
-        raise ValueError(f"umap: unknown parameter(s) {unknown}; allowed {sorted(UMAP_DEFAULTS)}")
-    emb = drop_invalid_rows(emb, "embedding for UMAP")
-    if p["max_spots"] and len(emb) > int(p["max_spots"]):
-        keep = np.sort(np.random.default_rng(int(p["random_state"])).choice(len(emb), int(p["max_spots"]), replace=False))
-        log.info("umap: %d of %d spots drawn (max_spots)", len(keep), len(emb))
-        emb = emb.iloc[keep]
-    if len(emb) < 4:
-        raise ValueError(f"umap: {len(emb)} rows; at least 4 are needed")
-    x = StandardScaler().fit_transform(emb.to_numpy(np.float64))
-    n_pca = min(int(p["n_pca"]), x.shape[1], x.shape[0] - 1)
-    if n_pca < x.shape[1]:
-        x = PCA(n_components=n_pca, random_state=int(p["random_state"])).fit_transform(x)
-    reducer = umap.UMAP(n_neighbors=min(int(p["n_neighbors"]), len(x) - 1), min_dist=float(p["min_dist"]),
-                        metric=p["metric"], random_state=int(p["random_state"]), n_jobs=1)
-    y = reducer.fit_transform(x)
-    return pd.DataFrame(y, index=emb.index, columns=["umap1", "umap2"])
-
-
 def plot_umaps(coords: Mapping[str, pd.DataFrame], colour: pd.Series, out: str | Path, title: str) -> None:
     """Grid of UMAPs (one panel per embedding) coloured by the categorical ``colour`` (indexed by spot id)."""
     names = _order(list(coords))
@@ -320,9 +283,9 @@ def _name_from_coords_path(p: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.figures_analysis <spectral|spatial_consistency|scaling|training_curves|
-    umap_coords|umap> ... --out OUT --log LOG`` (see ``--help`` of each subcommand)."""
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.figures_analysis", description=__doc__.split("\n")[0])
+    """CLI: ``python -m workflow_scripts.figures.analysis <spectral|spatial_consistency|scaling|training_curves|
+    umap> ... --out OUT --log LOG`` (see ``--help`` of each subcommand)."""
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.figures.analysis", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("spectral")
     s.add_argument("--inputs", nargs="+", required=True, help="spectral TSVs")
@@ -333,15 +296,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--inputs", nargs="+", required=True, help="scaling TSVs")
     t = sub.add_parser("training_curves")
     t.add_argument("--histories", nargs="+", required=True, help=".../aligned/<method>/seed<seed>.history.tsv")
-    u = sub.add_parser("umap_coords")
-    u.add_argument("--embedding", required=True)
-    u.add_argument("--params", default="{}", help="JSON, config umap")
     f = sub.add_parser("umap")
     f.add_argument("--coords", nargs="+", required=True, help="coordinate TSVs named <embedding>.tsv")
     f.add_argument("--spots", required=True)
     f.add_argument("--colour", required=True, help="obs column (e.g. slide, cluster)")
     f.add_argument("--dataset", default="")
-    for p in (s, c, g, t, u, f):
+    for p in (s, c, g, t, f):
         p.add_argument("--out", required=True)
         p.add_argument("--log", default=None)
     args = ap.parse_args(argv)
@@ -354,13 +314,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot_scaling(pd.concat([_read(p) for p in args.inputs], ignore_index=True), args.out)
     elif args.cmd == "training_curves":
         plot_training_curves(read_histories(args.histories), args.out)
-    elif args.cmd == "umap_coords":
-        params = json_arg(args.params, "--params")
-        params.pop("label", None)
-        xy = umap_coords(read_embedding(args.embedding), params)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        xy.to_csv(args.out, sep="\t", index_label="spot_id")
-        log.info("wrote %d UMAP coordinates to %s", len(xy), args.out)
     else:
         import anndata as ad
 

@@ -10,7 +10,7 @@ slide with ``e_b < d(i, j) ≤ e_{b+1}``, where d is the Euclidean distance of t
 
 * classification task → the mode of the neighbours' labels (ties → the smallest label in sorted string
   order, like ``scipy.stats.mode``); labels are cleaned exactly as for the probes
-  (:func:`workflow_scripts.probes.clean_labels`: missing, excluded and rare classes cast no vote);
+  (:func:`workflow_scripts.evaluation.probes.clean_labels`: missing, excluded and rare classes cast no vote);
 * regression task → the mean of the neighbours' usable target rows (reference ``summary_strategy: mean``).
 
 Features = the CENTRE spot's embedding. Centres with no usable neighbour in the ring are dropped; a ring
@@ -40,7 +40,7 @@ from scipy.spatial import cKDTree
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from .io import embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from ..io import embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 from .probes import (
     DEFAULT_ALPHAS,
     check_task_spec,
@@ -272,13 +272,13 @@ def run_spatial_probe(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.spatial_probe --embedding E.parquet --spots spots.h5ad --dataset D
+    """CLI: ``python -m workflow_scripts.evaluation.spatial_probe --embedding E.parquet --spots spots.h5ad --dataset D
     --name NAME --seed S --tasks JSON --ring-edges-um JSON --params JSON --spatial-params JSON
     [--min-class-size N] --out OUT.tsv --log LOG``.
 
     Writes the table of :func:`run_spatial_probe` with leading columns ``dataset, embedding, seed`` (TSV).
     """
-    p = embedding_task_parser("python -m workflow_scripts.spatial_probe", __doc__.split("\n")[0])
+    p = embedding_task_parser("python -m workflow_scripts.evaluation.spatial_probe", __doc__.split("\n")[0])
     p.add_argument("--tasks", required=True, help="JSON dict {task: spec} of the tasks to run")
     p.add_argument("--ring-edges-um", required=True, help="JSON list of ring edges in µm")
     p.add_argument("--params", required=True, help="JSON dict (config probe)")

@@ -1,0 +1,45 @@
+# 2-D UMAPs of the unimodal and fused embeddings (workflow_scripts/analysis/umap.py), coloured by label and slide.
+
+
+rule umap_coords:
+    """2-D UMAP of one embedding (seed config umap.seed, default the first seed) with a fixed random_state."""
+    input:
+        lambda wc: embedding_path(wc.dataset, wc.embedding, umap_seed()),
+    output:
+        "results/{dataset}/umap/{embedding}.tsv",
+    log:
+        "logs/{dataset}/umap_{embedding}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        umap=json.dumps({k: v for k, v in acfg("umap").items() if k not in ("label", "seed")}),
+    shell:
+        "python -m workflow_scripts.analysis.umap --embedding {input} --params {params.umap:q}"
+        " --out {output} --log {log}"
+
+
+rule figure_umap:
+    input:
+        coords=lambda wc: expand(
+            "results/{dataset}/umap/{embedding}.tsv", dataset=wc.dataset, embedding=EMBEDDINGS
+        ),
+        spots="results/{dataset}/spots.h5ad",
+    output:
+        report(
+            "results/figures/{dataset}/umap_{colouring}.png",
+            caption="../report/umap.rst",
+            category="{dataset}",
+            subcategory="UMAP",
+        ),
+    log:
+        "logs/{dataset}/figure_umap_{colouring}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        column=lambda wc: "slide" if wc.colouring == "slide" else umap_label(wc.dataset),
+    shell:
+        "python -m workflow_scripts.figures.analysis umap --coords {input.coords} --spots {input.spots}"
+        " --colour {params.column} --dataset {wildcards.dataset} --out {output} --log {log}"

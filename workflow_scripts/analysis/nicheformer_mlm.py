@@ -1,7 +1,7 @@
-"""Continued ("post-") training of Nicheformer with its masked-language-model objective (reference §7, §11 item 8, §12).
+"""Continued ("post-") training of Nicheformer with its masked-language-model objective (reference, docs/reference.md#data-scaling, docs/reference.md#flaw-8, docs/reference.md#nicheformer).
 
-The reference's post-training is degenerate (§11 item 8: one token per cell, no masking, targets = inputs).
-This module implements the objective the brief and §11.8 ask for — Nicheformer's own MLM as described in §12
+The reference's post-training is degenerate (docs/reference.md#flaw-8: one token per cell, no masking, targets = inputs).
+This module implements the objective docs/reference.md#flaw-8 asks for — Nicheformer's own MLM as described in docs/reference.md#nicheformer
 (``models/_utils.py::complete_masking`` and the Lightning training step):
 
 Masking (:func:`mask_tokens`), per token sequence ``[specie, assay, modality, gene tokens…, padding]``
@@ -21,7 +21,7 @@ Loss (:func:`mlm_loss`): cross-entropy over the selected positions only, logits 
 (``classifier_head``: Linear(d, n_tokens) + bias).
 
 Optimisation (:func:`posttrain`): AdamW(lr, weight_decay) over all parameters; per-step learning-rate factor
-(Nicheformer's ``CosineWarmupScheduler``, §12) f(t) = ½(1 + cos(π t / T)) · min(1, t / warmup), with T the
+(Nicheformer's ``CosineWarmupScheduler``, docs/reference.md#nicheformer) f(t) = ½(1 + cos(π t / T)) · min(1, t / warmup), with T the
 total number of optimiser steps and lr floored at ``min_lr`` (1e-5 in Nicheformer, capped at the base lr);
 gradient-norm clipping at ``grad_clip`` (1.0, the reference's trainer setting); bf16 autocast on GPUs that
 support it (``precision``). Each epoch visits the training cells in a seeded random order. A held-out
@@ -29,7 +29,7 @@ support it (``precision``). Each epoch visits the training cells in a seeded ran
 are comparable; the state with the lowest validation loss is kept (``early_stopping_patience`` epochs
 without improvement stop training). Epoch 0 of the history is the validation loss before post-training.
 
-Configurations (§7 step 2): cfg1 lr 1e-4 / wd 1e-5; cfg2 lr 2e-5 / wd 5e-4; cfg3 lr 5e-5 / wd 1e-4; batch 32.
+Configurations (docs/reference.md#data-scaling): cfg1 lr 1e-4 / wd 1e-5; cfg2 lr 2e-5 / wd 5e-4; cfg3 lr 5e-5 / wd 1e-4; batch 32.
 
 Model interface: any ``nn.Module`` ``m`` with ``m(tokens (B, L) int64, padding_mask (B, L) bool) -> logits
 (B, L, n_tokens)``; a model with ``supports_select = True`` also takes ``m(tokens, padding_mask, select)`` and
@@ -68,7 +68,7 @@ MASK_TOKEN = 0
 PAD_TOKEN = 1
 IGNORE_INDEX = -100
 
-#: The three post-training configurations of reference §7 (batch size 32 in all).
+#: The three post-training configurations of reference, docs/reference.md#data-scaling (batch size 32 in all).
 CONFIGS = {
     "cfg1": {"lr": 1.0e-4, "weight_decay": 1.0e-5, "batch_size": 32},
     "cfg2": {"lr": 2.0e-5, "weight_decay": 5.0e-4, "batch_size": 32},
@@ -169,7 +169,7 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Nicheformer's CosineWarmupScheduler factor (§12): ½(1 + cos(π·step/total)) × min(1, step/warmup)."""
+    """Nicheformer's CosineWarmupScheduler factor (docs/reference.md#nicheformer): ½(1 + cos(π·step/total)) × min(1, step/warmup)."""
     f = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
     if warmup > 0 and step <= warmup:
         f *= step / warmup

@@ -1,21 +1,21 @@
-"""Data-scaling experiment (reference §7, §11 item 8, §13 step 9): probe scores as a function of the amount
+"""Data-scaling experiment (reference, docs/reference.md#data-scaling, docs/reference.md#flaw-8): probe scores as a function of the amount
 of data used to fit the models.
 
-Fractions (reference §7): 0.01, 0.0316, 0.1, 0.316, 1.0 (half-decades), several seeds.
+Fractions (reference, docs/reference.md#data-scaling): 0.01, 0.0316, 0.1, 0.316, 1.0 (half-decades), several seeds.
 
 Subsets (:func:`fraction_subset`)
 ---------------------------------
 For a seed, one random permutation of the eligible items is drawn (``numpy.random.default_rng(seed)``) and
 fraction f takes its first max(``min_items``, ceil(f·n)) items, so the subsets of one seed are **nested**
 (0.01 ⊂ 0.0316 ⊂ … ⊂ 1.0). The reference drew every fraction independently (``np.random.choice`` after one
-``np.random.seed(42)``, §7 step 1); nesting is a deliberate change: the curve then shows the effect of
+``np.random.seed(42)``, docs/reference.md#data-scaling); nesting is a deliberate change: the curve then shows the effect of
 adding data rather than of a different random draw per point, and the seeds give the spread.
 
 Mode ``posttrain`` (the paper's experiment; :mod:`workflow_scripts.analysis.nicheformer_mlm` and the rules)
 --------------------------------------------------------------------------------------------------
 Nicheformer is post-trained with its masked-language-model objective on fraction f of the training cells
 (3 lr/wd configurations), the evaluation spots are re-embedded with each checkpoint, CoMM is trained on all
-evaluation spots (the alignment data are not subsampled, §7) and GEX, concat and CoMM are probed
+evaluation spots (the alignment data are not subsampled, docs/reference.md#data-scaling) and GEX, concat and CoMM are probed
 (:func:`evaluate_embeddings`; CLI ``evaluate``). The pretrained encoder is the fraction-0 reference point.
 
 Mode ``offline`` (weight-free encoders; :func:`offline_scaling`, CLI ``offline``)
@@ -31,7 +31,7 @@ has parameters fitted to data, and so does the alignment interface. Fraction f o
   **all** spots (:func:`workflow_scripts.methods.embed_with_state`).
 
 The image embedding is frozen and never subsampled. Probes (:func:`workflow_scripts.evaluation.probes.run_probes`) always
-run on all spots, for ``gex`` (the fraction-fitted GEX embedding), ``concat`` = [IMG ‖ GEX] (reference §3.4)
+run on all spots, for ``gex`` (the fraction-fitted GEX embedding), ``concat`` = [IMG ‖ GEX] (reference, docs/reference.md#fused-embeddings)
 and ``comm`` (Z3). Output: the probe table with leading columns ``dataset, mode, config, fraction, seed,
 n_fit, embedding``.
 """
@@ -52,7 +52,7 @@ from ..io import drop_invalid_rows, embedding_frame, intersect_tables, read_embe
 
 log = logging.getLogger(__name__)
 
-FRACTIONS = (0.01, 0.0316, 0.1, 0.316, 1.0)  # reference §7
+FRACTIONS = (0.01, 0.0316, 0.1, 0.316, 1.0)  # reference, docs/reference.md#data-scaling
 SUBSAMPLE_STAGES = ("gex_encoder", "alignment")
 SCALING_EMBEDDINGS = ("gex", "concat", "comm")
 LEAD_COLUMNS = ["dataset", "mode", "config", "fraction", "seed", "n_fit", "embedding"]
@@ -174,7 +174,7 @@ def evaluate_embeddings(z_gex: pd.DataFrame, z_img: pd.DataFrame, adata, tasks: 
     z3 = res.z3 if fit_rows is None else embed_with_state(res.state, g, i, device)[0]
     embs = {
         "gex": z_gex,
-        "concat": embedding_frame(np.hstack([i, g]), z_gex.index),  # [IMG ‖ GEX], reference §3.4
+        "concat": embedding_frame(np.hstack([i, g]), z_gex.index),  # [IMG ‖ GEX], reference, docs/reference.md#fused-embeddings
         "comm": embedding_frame(z3, z_gex.index),
     }
     out = []

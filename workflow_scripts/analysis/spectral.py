@@ -1,4 +1,4 @@
-"""Spectral analysis of the cross-covariance between two views (reference §8 (v), ``spectral_analysis`` config).
+"""Spectral analysis of the cross-covariance between two views (reference, docs/reference.md#figures, ``spectral_analysis`` config).
 
 The paper's "spectral ceiling" argument: a CCA-like objective can only capture what is *linearly*
 shared between the two unimodal embeddings, i.e. the directions of the whitened cross-covariance whose
@@ -64,7 +64,7 @@ from ..io import drop_invalid_rows, intersect_tables, read_embedding, setup_logg
 
 log = logging.getLogger(__name__)
 
-#: Defaults of ``config: spectral`` (reference §8: spectral_gap_threshold 0.01, regularization 1e-6,
+#: Defaults of ``config: spectral`` (reference, docs/reference.md#figures: spectral_gap_threshold 0.01, regularization 1e-6,
 #: n_permutations 100, n_eval_samples 1000, use_whitening true). ``n_eval_samples: null`` = all spots.
 DEFAULTS = {
     "n_permutations": 100,

@@ -31,7 +31,7 @@ Lock file
 records the sha256 of every file the first time it is obtained (downloaded, extracted from a remote ZIP,
 or found in place for manual entries). On every later run each recorded file is hashed again and
 compared; a mismatch raises :class:`ChecksumError`. No checksums are published by the data providers
-(``shared/reference/data_and_weights.md`` §D), so the lock pins what was obtained first.
+(docs/datasets.md), so the lock pins what was obtained first.
 
 CLI::
 

@@ -1,9 +1,9 @@
 """Reader for 10x Visium data paired with H&E (the paper's thymus dataset): one patch per spot.
 
-Source (``shared/reference/data_and_weights.md`` §D, ``cell_synergy_reference.md`` §1): Yayon et al. 2024
+Source (docs/datasets.md, docs/reference.md#datasets): Yayon et al. 2024
 human thymus atlas — full-resolution H&E OME-TIFFs in BioImage Archive S-BIAD1257 (0.2271 µm/px) and the
 annotated Visium objects of CELLxGENE collection fc19ae6c-d7c1-4dce-b703-62c5d52061b4; label = the 11
-cortico-medullary classes (§1.2).
+cortico-medullary classes (docs/reference.md#datasets).
 
 Two input layouts are read, per sample:
 

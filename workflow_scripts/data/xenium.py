@@ -1,6 +1,6 @@
 """Reader for 10x Xenium data paired with H&E (the paper's lung and breast datasets).
 
-Sources (``shared/reference/data_and_weights.md`` §D, ``cell_synergy_reference.md`` §1):
+Sources (docs/datasets.md, docs/reference.md#datasets):
 
 * lung — Vannan et al. 2025, GEO GSE250346: per sample a Xenium transcripts table and an author-registered
   H&E TIFF in the Xenium coordinate space (no affine needed), cell annotations of the Seurat object, and

@@ -1,6 +1,6 @@
 """``morphology`` — the offline default image encoder: interpretable H&E features per spot patch.
 
-A weight-free stand-in for the paper's UNI2-h image encoder (reference §2.1). Every spot's patch is
+A weight-free stand-in for the paper's UNI2-h image encoder (reference, docs/reference.md#uni2-h). Every spot's patch is
 cut on demand (:func:`workflow_scripts.data.patches.patch_reader`: ``ctx.patch_um`` µm square resampled
 to ``ctx.patch_px`` px, so one patch pixel is ``ctx.patch_um / ctx.patch_px`` µm, 0.893 µm at the
 defaults 200 µm / 224 px) and described by hand-crafted features computed with scikit-image:
@@ -121,7 +121,7 @@ def region_area_eccentricity(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Same definitions as ``skimage.measure.regionprops`` (``area``, ``eccentricity``): eccentricity
     = sqrt(1 − λ₂/λ₁), λ₁ ≥ λ₂ the eigenvalues of the covariance matrix of the region's pixel
-    coordinates (its inertia tensor, Burger & Burge, Digital Image Processing, §11.4), 0 for a disk and
+    coordinates (its inertia tensor, Burger & Burge, Digital Image Processing, section 11.4), 0 for a disk and
     a single pixel. ``regionprops`` loops over regions in Python, which costs ~10 ms per patch with
     ~100 nuclei; ``np.bincount`` over all pixels costs ~0.5 ms. Returns two (max(lab),) float arrays;
     labels without pixels get area 0 and eccentricity NaN.

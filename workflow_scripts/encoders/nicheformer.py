@@ -1,6 +1,6 @@
 """``nicheformer`` — the paper's expression encoder: Nicheformer (Schaar, Tejada-Lapuerta et al., theislab).
 
-Model (``cell_synergy_reference.md`` §12, re-implemented from that description so that the state-dict keys
+Model (docs/reference.md#nicheformer, re-implemented from that description so that the state-dict keys
 and shapes equal the published checkpoint's): 12 post-norm ``nn.TransformerEncoderLayer`` (d = 512, 16
 heads, FFN 1024, ReLU, dropout 0, ``layer_norm_eps`` 1e-12, batch first); token embedding
 ``nn.Embedding(n_tokens + 5 = 20,345, 512, padding_idx=1)``; learnable positions ``nn.Embedding(1500, 512)``;
@@ -10,7 +10,7 @@ the pretraining heads ``classifier_head`` (512 → 20,340, separate bias), ``poo
 run). Parameters: 47,199,256 in the computation (the reference's count), 49,302,040 in the state dict
 (+ 2,102,784 of the unused template); 164 state-dict tensors.
 
-Tokenisation (§12 "Tokenisation", the official ``NicheformerDataset`` path), per cell:
+Tokenisation (docs/reference.md#nicheformer, the official ``NicheformerDataset`` path), per cell:
 
 1. counts are aligned to the vocabulary (``model.h5ad`` var_names, Ensembl ids, in vocabulary order;
    absent genes = 0). Gene symbols are mapped to Ensembl ids offline with the 10x GRCh38 feature table
@@ -32,7 +32,7 @@ only to its longest sequence (cells sorted by length), which gives the same gene
 are masked) and is far cheaper for sparse panels. ``exclude_padding: false`` reproduces the reference: every
 sequence padded to ``max_seq_len`` and the mean taken over all 1497 positions.
 
-Spot / patch embedding = mean over the spot's cells (cell_synergy §2.2): ``ctx.extra["cells"]`` is a cells
+Spot / patch embedding = mean over the spot's cells (the reference, docs/reference.md#nicheformer): ``ctx.extra["cells"]`` is a cells
 AnnData with ``obs['spot_id']``; without it each spot is one cell. Cells with zero counts (or none in
 vocabulary genes) are dropped and counted in the log; spots left without a cell get a NaN row (logged).
 
@@ -57,7 +57,7 @@ Assay choice for legacy ST / Visium (HER2ST, thymus): Nicheformer has no ST or V
 default here is ``"10x 3' transcription profiling"`` (15, the generic 3'-end polyA-capture sequencing
 term; ST and Visium are 3' polyA-capture sequencing), with the ``dissociated`` technology mean (the only
 whole-transcriptome mean; ``resources/nicheformer/PROVENANCE.md``). cell_synergy used assay 9 (Xenium) and the
-Xenium mean for all three of its datasets, Visium thymus included (§2.2, §12); set ``assay: Xenium``,
+Xenium mean for all three of its datasets, Visium thymus included (docs/reference.md#nicheformer); set ``assay: Xenium``,
 ``technology_mean: xenium`` to reproduce that.
 """
 
@@ -205,7 +205,7 @@ class Nicheformer(nn.Module):
     def embed(self, tokens: torch.Tensor, layer: int = -1, exclude_padding: bool = True) -> torch.Tensor:
         """Cell embeddings ``(B, dim_model)`` float32 of token ids ``(B, L)``.
 
-        Source: ``Nicheformer.get_embeddings`` (§12): ids 0 → PAD (1); token + positional embedding
+        Source: ``Nicheformer.get_embeddings`` (docs/reference.md#nicheformer): ids 0 → PAD (1); token + positional embedding
         (positions 0 … L-1); encoder layers 0 … ``layer`` with ``src_key_padding_mask = (id == PAD)``; drop
         the first 3 (context) positions; mean over the rest — over non-padding positions only when
         ``exclude_padding`` (a cell without gene tokens gives NaN), over all positions otherwise (reference).
@@ -540,7 +540,7 @@ def _token_id(value, table: dict, what: str) -> int:
 
 
 def context_tokens(specie="human", assay="10x 3' transcription profiling", modality="spatial") -> np.ndarray:
-    """The 3 context token ids ``[specie, assay, modality]`` (names or ids; tables from §12 / PROVENANCE.md)."""
+    """The 3 context token ids ``[specie, assay, modality]`` (names or ids; tables from docs/reference.md#nicheformer / PROVENANCE.md)."""
     return np.array(
         [_token_id(specie, SPECIE_TOKENS, "specie"), _token_id(assay, ASSAY_TOKENS, "assay"),
          _token_id(modality, MODALITY_TOKENS, "modality")],

@@ -1,6 +1,6 @@
 """Spatial neighbour-ring probes: predict the neighbourhood's label from a spot's own embedding.
 
-Reference spec §5.1 ("neighbour-label prediction"), with the fix of §11.14: rings are fixed distances in µm
+Reference docs/reference.md#spatial-rings ("neighbour-label prediction"), with the fix of docs/reference.md#flaw-14: rings are fixed distances in µm
 per dataset (``config: datasets.<d>.spatial.ring_edges_um``), and neighbours are searched within each slide
 only (a KD-tree per slide, ``scipy.spatial.cKDTree``; no all-pairs distance matrix).
 
@@ -80,7 +80,7 @@ def _coords(adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
 def ring_pairs(
     adata: ad.AnnData, edges_um: Sequence[float], centre_ids: Sequence[str] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Neighbour pairs per distance ring, within slides (reference §5.1 with the §11.14 fix).
+    """Neighbour pairs per distance ring, within slides (reference, docs/reference.md#spatial-rings with the docs/reference.md#flaw-14 fix).
 
     Parameters
     ----------
@@ -202,7 +202,7 @@ def run_spatial_probe(
     seed: int,
     min_class_size: int = 10,
 ) -> pd.DataFrame:
-    """Neighbour-ring probes for every task (reference §5.1, fixed µm rings per slide, §11.14).
+    """Neighbour-ring probes for every task (reference, docs/reference.md#spatial-rings, fixed µm rings per slide, docs/reference.md#flaw-14).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Barlow Twins (Zbontar et al., ICML 2021) across modalities, reference §3.2 item 7 (``barlowtwins.py``).
+"""Barlow Twins (Zbontar et al., ICML 2021) across modalities, reference, docs/reference.md#fusion-methods (``barlowtwins.py``).
 
 * projector per modality: Linear(d, P, bias=False) → BatchNorm1d(P) → ReLU → Linear(P, P, bias=False);
 * one shared ``BatchNorm1d(P, affine=False)`` applied to both projections; c = BN(z_img)ᵀ BN(z_gex) / B;

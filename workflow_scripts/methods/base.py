@@ -1,4 +1,4 @@
-"""Interface shared by every trainable fusion method (reference §3: ``src/cell_synergy/models/*.py``).
+"""Interface shared by every trainable fusion method (reference, docs/reference.md#alignment: ``src/cell_synergy/models/*.py``).
 
 A method is an :class:`AlignModel` (a ``torch.nn.Module``) built as ``Model(d_img, d_gex, params)``.
 Every method takes its inputs in the reference's call order ``(x_img, x_gex)``:
@@ -42,7 +42,7 @@ class AlignModel(nn.Module):
         """Hook called after every optimiser step (BYOL: EMA update of the target encoders)."""
 
     def embed(self, x_img: torch.Tensor, x_gex: torch.Tensor) -> torch.Tensor:
-        """Fused embedding Z3 of a batch, shape (B, ``z3_dim``) (reference §3.4)."""
+        """Fused embedding Z3 of a batch, shape (B, ``z3_dim``) (reference, docs/reference.md#fused-embeddings)."""
         raise NotImplementedError
 
     def views(self, x_img: torch.Tensor, x_gex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,7 @@ class AlignModel(nn.Module):
 def mlp_ln_gelu(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     """Linear(d_in, hidden) → LayerNorm → GELU → Linear(hidden, d_out) → LayerNorm → GELU → Linear(d_out, d_out).
 
-    The three-layer encoder that the reference uses for SimSiam and DIM (§3.2 items 6 and 9).
+    The three-layer encoder that the reference uses for SimSiam and DIM (docs/reference.md#fusion-methods).
     """
     return nn.Sequential(
         nn.Linear(d_in, hidden),

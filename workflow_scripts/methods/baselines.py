@@ -1,5 +1,5 @@
-"""Non-trained embeddings: ``concat`` (one of the ten methods) and the ``random`` baseline (reference §3.2 item 10,
-§3.2 "Unimodal baselines").
+"""Non-trained embeddings: ``concat`` (one of the ten methods) and the ``random`` baseline (reference, docs/reference.md#fusion-methods,
+docs/reference.md#fused-embeddings).
 
 * concat: Z3 = [Z_img ‖ Z_gex], the raw concatenation of the frozen embeddings, (n, d_img + d_gex), no training.
 * random: Z3 ~ N(0, 1) i.i.d. of shape (n, d_gex + d_img), drawn from ``numpy.random.default_rng(seed)``

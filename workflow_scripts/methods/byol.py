@@ -1,4 +1,4 @@
-"""BYOL (Grill et al., NeurIPS 2020) across modalities, reference §3.2 item 5 (``byol.py``).
+"""BYOL (Grill et al., NeurIPS 2020) across modalities, reference, docs/reference.md#fusion-methods (``byol.py``).
 
 * online encoders: Linear(d, P) per modality (P = ``projection_dim``, 256);
 * predictors per modality: Linear(P, P/2, bias=False) → LayerNorm(P/2) → GELU → Linear(P/2, P) (``pred_dim`` = P/2);
@@ -10,7 +10,7 @@ Z3 = [z_img ‖ z_gex] of the online encoders, not normalised (n, 2P); views = (
 
 Deliberate fix (deviation from the reference): EMA target update
 ----------------------------------------------------------------
-The reference never updates its target encoders (they stay at their random initialisation, §11 item 9). Here the
+The reference never updates its target encoders (they stay at their random initialisation, docs/reference.md#flaw-9). Here the
 targets are initialised as copies of the online encoders and, after every optimiser step, updated by the BYOL
 exponential moving average θ_target ← d·θ_target + (1 − d)·θ_online with d = ``ema_decay`` (config 0.99). Target
 parameters have ``requires_grad=False`` and are not in the optimiser (no gradient, no weight decay).

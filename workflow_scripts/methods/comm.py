@@ -1,8 +1,8 @@
-"""CoMM (Dufumier & Castillo-Navarro et al., ICLR 2025) on frozen embeddings, reference §3.3.
+"""CoMM (Dufumier & Castillo-Navarro et al., ICLR 2025) on frozen embeddings, reference, docs/reference.md#fusion-methods.
 
 Architecture (reference ``CoMMBaseline`` wrapping upstream ``MMFusion`` with ``fusion="x-attn"``, ``pool="mean"``):
 
-* adapters: Linear(d_img, D), Linear(d_gex, D), each producing one token (B, 1, D); D = ``embed_dim`` (512, §11.3).
+* adapters: Linear(d_img, D), Linear(d_gex, D), each producing one token (B, 1, D); D = ``embed_dim`` (512, docs/reference.md#flaw-3).
 * fusion: two stacks of ``n_layers`` residual cross-attention blocks, stack 0 updates the image token attending to
   the (fixed) GEX token, stack 1 the GEX token attending to the image token. Block: x ← x + MHA(LN_x(x), LN_y(y),
   LN_y(y)); x ← x + MLP(LN(x)), MLP = Linear(D, 4D) → QuickGELU (x·σ(1.702x)) → Linear(4D, D); ``n_heads`` heads.

@@ -1,4 +1,4 @@
-"""Deep CCA (Andrew et al., ICML 2013), as specified in the reference §3.2 item 2 (``dcca.py``).
+"""Deep CCA (Andrew et al., ICML 2013), as specified in the reference, docs/reference.md#fusion-methods (``dcca.py``).
 
 Architecture, per modality (``MlpNet`` with layer sizes [1024, 1024, k]):
 Linear(d, 1024) → Sigmoid → BatchNorm1d(1024, affine=False) → Linear(1024, 1024) → Sigmoid →
@@ -35,7 +35,7 @@ DEFAULTS = {"hidden_dims": [1024, 1024], "reg": 1.0e-3, "eps": 1.0e-12}
 
 class MlpNet(nn.Module):
     """DCCA tower: hidden blocks Linear → Sigmoid → BatchNorm1d(affine=False); last block BatchNorm1d(affine=False)
-    → Linear(h, d_out). Input (B, d_in) → output (B, d_out). Reference §3.2 item 2."""
+    → Linear(h, d_out). Input (B, d_in) → output (B, d_out). Reference: docs/reference.md#fusion-methods."""
 
     def __init__(self, d_in: int, hidden: list[int], d_out: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Deep InfoMax-style cross-modal MI maximisation, reference §3.2 item 9 (``dim.py``).
+"""Deep InfoMax-style cross-modal MI maximisation, reference, docs/reference.md#fusion-methods (``dim.py``).
 
 * encoder per modality: Linear(d, H) → LN → GELU → Linear(H, P) → LN → GELU → Linear(P, P), H = ``hidden_dim``
   (512), P = ``projection_dim`` (256); outputs L2-normalised;
@@ -6,7 +6,7 @@
   (a B×B×2P tensor) → logits (B, B), divided by τ = ``temperature`` (0.1);
 * loss = CE(logits, arange(B)): InfoNCE in one direction, image → GEX (each image spot must pick its own GEX spot).
 
-Decision on direction (§11 item 11): the reference's one-directional contrast is kept as the default
+Decision on direction (docs/reference.md#flaw-11): the reference's one-directional contrast is kept as the default
 (``symmetric: false``) to stay faithful; ``symmetric: true`` averages it with the GEX → image direction
 (CE over the columns of the same critic matrix). The loss is written by hand (no library has this pairwise critic).
 

@@ -1,9 +1,9 @@
-"""SimCLR/CLIP-style cross-modal contrastive alignment, reference §3.2 item 4 (``simclr.py``).
+"""SimCLR/CLIP-style cross-modal contrastive alignment, reference, docs/reference.md#fusion-methods (``simclr.py``).
 
 Per modality: Linear(d, P) → LayerNorm(P) → GELU → Linear(P, P), P = ``projection_dim`` (256); outputs L2-normalised.
 Loss: logits = f_img f_gexᵀ / τ (τ = ``temperature``, 0.07); ½[CE(logits, i) + CE(logitsᵀ, i)] with the diagonal
 as the positive class. The reference passes the identity matrix as soft targets to ``F.cross_entropy``; we pass
-the class indices ``arange(B)``, which gives the identical value and gradient (§11 item 11). Written by hand with
+the class indices ``arange(B)``, which gives the identical value and gradient (docs/reference.md#flaw-11). Written by hand with
 ``torch.nn.functional.cross_entropy`` (lightly's NTXentLoss is the 2B×2B SimCLR form, not this B×B CLIP form).
 
 Z3 = [n(f_img) ‖ n(f_gex)] (n, 2P); views = (n(f_img), n(f_gex)).

@@ -1,4 +1,4 @@
-"""SimSiam (Chen & He, CVPR 2021) across modalities, reference §3.2 item 6 (``simsiam.py``).
+"""SimSiam (Chen & He, CVPR 2021) across modalities, reference, docs/reference.md#fusion-methods (``simsiam.py``).
 
 * encoder per modality: Linear(d, H) → LN → GELU → Linear(H, P) → LN → GELU → Linear(P, P), H = ``hidden_dim``
   (the reference's ``projection_hidden_dim``, 512), P = ``projection_dim`` (256);

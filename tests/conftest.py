@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -11,6 +12,10 @@ import pytest
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Subprocesses (snakemake jobs run in temporary working directories, CLIs) import this checkout's package, not
+# whichever copy happens to be installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

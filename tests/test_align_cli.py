@@ -98,3 +98,40 @@ def test_cli_rejects_bad_params(tmp_path, tables):
     with pytest.raises(SystemExit):
         align.main(["--method", "nope", "--gex", "a", "--img", "b", "--seed", "0", "--out", "o", "--model", "m",
                     "--history", "h"])
+
+
+@pytest.mark.parametrize("method", ["cca", "simclr"])
+def test_fit_mask_never_sees_held_out_spots(method):
+    """Inductive fitting: perturbing the held-out rows changes neither the fitted state nor Z3 of the fitted rows."""
+    from workflow_scripts.methods import fit_method
+
+    rng = np.random.default_rng(3)
+    lat = rng.standard_normal((80, 3))
+    gex = (lat @ rng.standard_normal((3, 6)) + 0.3 * rng.standard_normal((80, 6))).astype(np.float32)
+    img = (lat @ rng.standard_normal((3, 8)) + 0.3 * rng.standard_normal((80, 8))).astype(np.float32)
+    mask = np.zeros(80, dtype=bool)
+    mask[:50] = True
+    params = {"projection_dim": 4, "max_epochs": 3, "batch_size": 16}
+    a = fit_method(method, gex, img, params, 0, device="cpu", progress=False, fit_mask=mask)
+    gex2, img2 = gex.copy(), img.copy()
+    gex2[~mask] = 100 * rng.standard_normal(gex2[~mask].shape)
+    img2[~mask] = -50.0
+    b = fit_method(method, gex2, img2, params, 0, device="cpu", progress=False, fit_mask=mask)
+    assert a.z3.shape == (80, b.z3.shape[1]) and a.state["n_fit"] == 50 and a.state["n_spots"] == 80
+    np.testing.assert_allclose(a.z3[mask], b.z3[mask], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a.z3[~mask], b.z3[~mask])
+    for k, v in a.state["state_dict"].items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(b.state["state_dict"][k]))
+
+
+def test_cli_fit_spots_writes_mask(tmp_path, tables):
+    gex, img, expected = tables
+    fit = tmp_path / "fit.tsv"
+    pd.DataFrame({"spot_id": expected[:30] + ["not_a_spot"]}).to_csv(fit, sep="\t", index=False)
+    views = tmp_path / "cca.npz"
+    argv, out = run_cli(tmp_path, gex, img, "cca", {"projection_dim": 3}, ["--views", str(views), "--fit-spots", str(fit)])
+    assert align.main(argv) == 0
+    z = np.load(views)
+    assert z["fit_mask"].tolist() == [i in set(expected[:30]) for i in z["spot_id"]]
+    assert read_embedding(out["parquet"]).shape[0] == len(expected)
+    assert "1 listed spots are not in the paired embeddings" in out["log"].read_text()

@@ -155,6 +155,7 @@ def fit_method(
     seed: int,
     device: str = "auto",
     progress: bool = True,
+    fit_mask: np.ndarray | None = None,
 ) -> AlignResult:
     """Fit fusion ``method`` (one of :data:`METHODS`, or ``"random"``) on paired embeddings and return Z3.
 
@@ -164,11 +165,17 @@ def fit_method(
     val_fraction_unsupervised, plus the method's own keys; ``device``/``threads``/``method_params`` are ignored).
     ``seed``: seeds torch (weights, augmentations) and numpy (split, batch order); same seed → same result.
     ``device``: "auto" (cuda if available else cpu), "cpu", "cuda", ...; ``progress``: tqdm bar on stderr.
-    Raises ValueError on an unknown method or parameter, mismatched rows or non-finite inputs.
+    ``fit_mask``: optional (n,) boolean; when given, the method is fitted (training and validation split) on the
+    rows where it is True only, and Z3 and the views are then computed for all n rows with the fitted state
+    (:func:`embed_with_state`): the inductive protocol, where no held-out spot reaches the interface.
+    Raises ValueError on an unknown method or parameter, mismatched rows, non-finite inputs, or a ``fit_mask`` of
+    the wrong shape or with fewer than 2 rows selected.
     """
     if method not in METHODS + BASELINES:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS + BASELINES)}")
     z_gex, z_img = _check_inputs(z_gex, z_img)
+    if fit_mask is not None:
+        return _fit_on_subset(method, z_gex, z_img, params, seed, device, progress, fit_mask)
     n, d_gex = z_gex.shape
     d_img = z_img.shape[1]
     p = resolve_params(method, params, METHOD_DEFAULTS[method])
@@ -203,6 +210,23 @@ def fit_method(
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
     )
     return AlignResult(z3, out.history, state, views)
+
+
+def _fit_on_subset(method, z_gex, z_img, params, seed, device, progress, fit_mask) -> AlignResult:
+    mask = np.asarray(fit_mask)
+    if mask.dtype != bool or mask.shape != (z_gex.shape[0],):
+        raise ValueError(f"fit_mask must be a boolean array of shape ({z_gex.shape[0]},), got {mask.dtype} {mask.shape}")
+    n, n_fit = len(mask), int(mask.sum())
+    if n_fit < 2:
+        raise ValueError(f"fit_mask selects {n_fit} rows; at least 2 are needed to fit {method}")
+    log.info("%s: fitting on %d of %d spots; Z3 for all %d", method, n_fit, n, n)
+    res = fit_method(method, z_gex[mask], z_img[mask], params, seed, device=device, progress=progress)
+    if method == "random":
+        z3, views = random_embedding(n, z_gex.shape[1] + z_img.shape[1], seed), None
+    else:
+        z3, views = embed_with_state(res.state, z_gex, z_img, device=device)
+    state = dict(res.state, n_spots=n, n_fit=n_fit)
+    return AlignResult(z3, res.history, state, views)
 
 
 def _fit_cca(z_gex: np.ndarray, z_img: np.ndarray, p: dict, seed: int) -> AlignResult:

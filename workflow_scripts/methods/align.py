@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from workflow_scripts.io import (
@@ -51,6 +52,29 @@ def parse_params(text: str) -> dict:
     return params
 
 
+def read_fit_mask(path: str | Path, ids: list[str]) -> np.ndarray:
+    """Boolean mask over ``ids`` (n,) of the spots listed in ``path`` (a TSV with a ``spot_id`` column, or one id per
+    line). Listed ids absent from the embeddings are counted in the log. Raises FileNotFoundError naming the path,
+    ValueError when no listed spot is among ``ids``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--fit-spots file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if lines and "spot_id" in lines[0].split("\t"):
+        listed = pd.read_csv(path, sep="\t", dtype={"spot_id": str})["spot_id"].tolist()
+    else:
+        listed = lines
+    wanted = set(listed)
+    mask = np.fromiter((i in wanted for i in ids), dtype=bool, count=len(ids))
+    n_absent = len(wanted - set(ids))
+    if n_absent:
+        log.warning("--fit-spots %s: %d listed spots are not in the paired embeddings and are ignored", path, n_absent)
+    if not mask.any():
+        raise ValueError(f"--fit-spots {path}: none of its {len(wanted)} spot ids is in the paired embeddings")
+    log.info("fitting on %d of %d paired spots listed in %s", int(mask.sum()), len(ids), path)
+    return mask
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.methods.align", description=__doc__.split("\n")[0])
     ap.add_argument("--method", required=True, choices=list(METHODS + BASELINES))
@@ -62,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="output model state (torch.save)")
     ap.add_argument("--history", required=True, help="output training history (TSV)")
     ap.add_argument("--views", default=None, help="optional output npz of the two per-modality views")
+    ap.add_argument("--fit-spots", default=None,
+                    help="optional TSV with a spot_id column (or one id per line): fit the method on these spots only "
+                         "and write Z3 for all spots (inductive protocol)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:0, ...")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
@@ -85,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s (seed %d): %d paired spots, d_gex=%d, d_img=%d", args.method, args.seed, len(ids), gex.shape[1],
              img.shape[1])
 
+    fit_mask = read_fit_mask(args.fit_spots, ids) if args.fit_spots else None
     res = fit_method(args.method, gex.to_numpy(np.float32), img.to_numpy(np.float32), params, args.seed,
-                     device=args.device, progress=not args.no_progress)
+                     device=args.device, progress=not args.no_progress, fit_mask=fit_mask)
     st = res.state
     meta = {k: st[k] for k in ("method", "seed", "d_gex", "d_img", "d_z3", "best_epoch", "n_epochs",
                                "stopped_early", "n_spots")}
@@ -98,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     res.history.to_csv(args.history, sep="\t", index=False)
     if args.views:
         Path(args.views).parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"spot_id": np.asarray(ids, dtype=str)}
+        arrays = {"spot_id": np.asarray(ids, dtype=str),
+                  "fit_mask": np.ones(len(ids), dtype=bool) if fit_mask is None else fit_mask}
         if res.views is not None:
             arrays.update(view_img=res.views[0], view_gex=res.views[1])
         np.savez_compressed(args.views, **arrays)

@@ -7,12 +7,12 @@ where to get them. Fetching is a separate, explicit step (rule ``download_weight
 
 * **UNI2-h** — Hugging Face ``MahmoodLab/UNI2-h``, file ``pytorch_model.bin`` (~2.7 GB, 681,394,176 fp32
   parameters). Gated: log in, accept the CC-BY-NC-ND-4.0 terms on the model page, create a read token and
-  export it as ``HF_TOKEN`` (reference: docs/weights.md).
+  export it as ``HF_TOKEN`` (docs/weights.md).
 * **Nicheformer** — Hugging Face ``aletlvl/Nicheformer`` (safetensors release, ``model.safetensors`` plus
   ``config.json``; not known to be gated, so no token is required, but one is used when set; the file name
   is the ``save_pretrained`` default and was not verified offline — override ``weights.nicheformer.filename``), or the original Lightning checkpoint
   ``nicheformer.ckpt`` (~546 MB) from Mendeley Data (link in the README of github.com/theislab/nicheformer;
-  docs/weights.md notes that the link was reported broken in 2025-01). Both formats load.
+  docs/weights.md notes that users reported the link inaccessible in January 2025). Both formats load.
 
 CLI::
 

@@ -32,7 +32,7 @@ only to its longest sequence (cells sorted by length), which gives the same gene
 are masked) and is far cheaper for sparse panels. ``exclude_padding: false`` reproduces the reference: every
 sequence padded to ``max_seq_len`` and the mean taken over all 1497 positions.
 
-Spot / patch embedding = mean over the spot's cells (the reference, docs/reference.md#nicheformer): ``ctx.extra["cells"]`` is a cells
+Spot / patch embedding = mean over the spot's cells (as in the reference, docs/reference.md#nicheformer): ``ctx.extra["cells"]`` is a cells
 AnnData with ``obs['spot_id']``; without it each spot is one cell. Cells with zero counts (or none in
 vocabulary genes) are dropped and counted in the log; spots left without a cell get a NaN row (logged).
 

@@ -20,7 +20,7 @@ from workflow_scripts.encoders.weights import WeightsError
 
 torch.set_num_threads(1)
 
-LAYER_KEYS = {  # nn.TransformerEncoderLayer(d, h, ff) sub-keys and shapes (reference §12)
+LAYER_KEYS = {  # nn.TransformerEncoderLayer(d, h, ff) sub-keys and shapes (docs/reference.md#nicheformer)
     "self_attn.in_proj_weight": lambda d, ff: (3 * d, d),
     "self_attn.in_proj_bias": lambda d, ff: (3 * d,),
     "self_attn.out_proj.weight": lambda d, ff: (d, d),
@@ -37,7 +37,7 @@ LAYER_KEYS = {  # nn.TransformerEncoderLayer(d, h, ff) sub-keys and shapes (refe
 
 
 def expected_checkpoint_shapes(d=512, ff=1024, layers=12, n_tokens=20340, context=1500, classes=164):
-    """The published checkpoint's state-dict keys and shapes, written out from reference §12."""
+    """The published checkpoint's state-dict keys and shapes, written out from docs/reference.md#nicheformer."""
     shapes = {"embeddings.weight": (n_tokens + 5, d), "positional_embedding.weight": (context, d)}
     for prefix in ["encoder_layer."] + [f"encoder.layers.{i}." for i in range(layers)]:
         shapes.update({prefix + k: f(d, ff) for k, f in LAYER_KEYS.items()})

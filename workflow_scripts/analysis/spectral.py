@@ -1,9 +1,9 @@
 """Spectral analysis of the cross-covariance between two views.
 
-The reference's ``spectral_analysis`` configuration: docs/reference.md#figures. The paper's "spectral ceiling" argument: a CCA-like objective can only capture what is *linearly*
+The paper's "spectral ceiling" argument: a CCA-like objective can only capture what is *linearly*
 shared between the two unimodal embeddings, i.e. the directions of the whitened cross-covariance whose
 singular values stand out of noise. This module measures that spectrum and how many directions carry
-signal.
+signal. The reference's ``spectral_analysis`` configuration is described in docs/reference.md#figures.
 
 Definitions (for views X (n × p) and Y (n × q) of the same n spots, rows paired)
 --------------------------------------------------------------------------------

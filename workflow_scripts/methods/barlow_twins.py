@@ -1,4 +1,4 @@
-"""Barlow Twins (Zbontar et al., ICML 2021) across modalities, as the reference's
+"""Barlow Twins (Zbontar et al., ICML 2021) across modalities, as in the reference's
 ``barlowtwins.py`` (docs/reference.md#fusion-methods).
 
 * projector per modality: Linear(d, P, bias=False) → BatchNorm1d(P) → ReLU → Linear(P, P, bias=False);

@@ -1,4 +1,4 @@
-"""BYOL (Grill et al., NeurIPS 2020) across modalities, as the reference's ``byol.py``
+"""BYOL (Grill et al., NeurIPS 2020) across modalities, as in the reference's ``byol.py``
 (docs/reference.md#fusion-methods).
 
 * online encoders: Linear(d, P) per modality (P = ``projection_dim``, 256);

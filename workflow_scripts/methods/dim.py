@@ -1,4 +1,4 @@
-"""Deep InfoMax-style cross-modal MI maximisation, as the reference's ``dim.py``
+"""Deep InfoMax-style cross-modal MI maximisation, as in the reference's ``dim.py``
 (docs/reference.md#fusion-methods).
 
 * encoder per modality: Linear(d, H) → LN → GELU → Linear(H, P) → LN → GELU → Linear(P, P), H = ``hidden_dim``

@@ -1,4 +1,4 @@
-"""SimCLR/CLIP-style cross-modal contrastive alignment, as the reference's ``simclr.py``
+"""SimCLR/CLIP-style cross-modal contrastive alignment, as in the reference's ``simclr.py``
 (docs/reference.md#fusion-methods).
 
 Per modality: Linear(d, P) → LayerNorm(P) → GELU → Linear(P, P), P = ``projection_dim`` (256); outputs L2-normalised.

@@ -1,4 +1,4 @@
-"""SimSiam (Chen & He, CVPR 2021) across modalities, as the reference's ``simsiam.py``
+"""SimSiam (Chen & He, CVPR 2021) across modalities, as in the reference's ``simsiam.py``
 (docs/reference.md#fusion-methods).
 
 * encoder per modality: Linear(d, H) → LN → GELU → Linear(H, P) → LN → GELU → Linear(P, P), H = ``hidden_dim``

@@ -1,6 +1,6 @@
 """Training loop shared by the neural fusion methods.
 
-The reference's ``AlignmentTrainer``, documented in docs/reference.md#alignment.
+Follows the reference's ``AlignmentTrainer`` (docs/reference.md#alignment).
 
 What is reproduced from the reference
 -------------------------------------

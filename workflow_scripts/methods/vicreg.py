@@ -1,4 +1,4 @@
-"""VICReg (Bardes et al., ICLR 2022) across modalities, as the reference's ``vicreg.py``
+"""VICReg (Bardes et al., ICLR 2022) across modalities, as in the reference's ``vicreg.py``
 (docs/reference.md#fusion-methods).
 
 * projector per modality: Linear(d, P) → BatchNorm1d(P) → ReLU → Linear(P, P, bias=False);

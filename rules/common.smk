@@ -116,7 +116,7 @@ def spatial_tables(wildcards):
 
 
 def prepare_inputs(wildcards):
-    return _dataset_input_files(ds_cfg(wildcards.dataset))
+    return _dataset_input_files(ds_cfg(wildcards.dataset), wildcards.dataset)
 
 
 def final_targets():

@@ -253,7 +253,7 @@ def _hints(entry: Mapping, dest: Path) -> str:
     return f"Check the URL in the dataset's download block{page}, or place the file by hand at {dest}."
 
 
-def _network_error(err: BaseException, url: str, entry: Mapping, dest: Path) -> DownloadError:
+def _network_error(err: BaseException, url: str, entry: Mapping, dest: Path, root: Path) -> DownloadError:
     """Map requests / aiohttp / fsspec errors to a :class:`DownloadError` that names the cause and the fix."""
     import aiohttp
     import requests
@@ -277,7 +277,7 @@ def _network_error(err: BaseException, url: str, entry: Mapping, dest: Path) -> 
     return DownloadError(
         f"could not reach {url} ({err.__class__.__name__}: {err}). This machine seems to be offline: run "
         f"`snakemake download_<dataset>` on a machine with internet access and copy the dataset's folder "
-        f"({dest.parent}) here, or place the file by hand at {dest}."
+        f"({root}) here, or place the file by hand at {dest}."
     )
 
 
@@ -293,11 +293,13 @@ def _pooch_fetch(url: str, known_hash: str | None, cache_dir: Path, processor=No
     return Path(p.fetch(fname, processor=processor, downloader=downloader))
 
 
-def fetch_url(entry: Mapping, dest_dir: str | Path, cache_dir: str | Path | None = None, retries: int = 2) -> list[Path]:
+def fetch_url(entry: Mapping, dest_dir: str | Path, cache_dir: str | Path | None = None,
+              retries: int = 2) -> list[Path]:
     """Download ``entry['url']`` with pooch to ``dest_dir / entry['dest']`` (see module docstring); return outputs.
 
-    A failed transfer is tried again ``retries`` times (from the first byte). The download is verified against ``known_hash`` (pooch) and the lock file (pinned on first download),
-    then decompressed or unpacked as configured. Raises :class:`ChecksumError` (naming the file) on a hash
+    A failed transfer is tried again ``retries`` times, from the first byte. The download is verified against
+    ``known_hash`` (pooch) and the lock file (pinned on first download), then decompressed or unpacked as
+    configured. Raises :class:`ChecksumError` (naming the file) on a hash
     mismatch, :class:`DownloadAuthError` on HTTP 401/403 or an HTML page instead of data, and
     :class:`DownloadError` on other HTTP or network errors (with the URL and the fix).
     """
@@ -320,7 +322,7 @@ def fetch_url(entry: Mapping, dest_dir: str | Path, cache_dir: str | Path | None
             f"Delete {fname} and rerun; if the provider published a new version, update known_hash in the config."
         ) from err
     except requests.RequestException as err:
-        raise _network_error(err, url, entry, dest) from err
+        raise _network_error(err, url, entry, dest, dest_dir) from err
     if not dest.name.lower().endswith((".html", ".htm")) and _looks_like_html(fname):
         fname.unlink()
         raise DownloadAuthError(
@@ -410,7 +412,7 @@ def fetch_members(entry: Mapping, dest_dir: str | Path, cache_dir: str | Path | 
                 "whole archive with `dest:` and `extract: zip` instead."
             ) from err
         except (aiohttp.ClientError, asyncio.TimeoutError, FileNotFoundError) as err:
-            raise _network_error(err, url, entry, first) from err
+            raise _network_error(err, url, entry, first, dest_dir) from err
     lock = LockFile(dest_dir / LOCK_NAME)
     for key, dest in members.items():
         cached = cache / key

@@ -25,8 +25,9 @@ CLI::
 revision, sha256, size, UTC time) — no checksums are published upstream, so the first download's hash is the
 record. A failed download names its cause with the fix — offline (no connection, or ``HF_HUB_OFFLINE`` set),
 unauthorised (no or invalid token, terms not accepted), repository / revision / file not found — and leaves no
-partial folder behind. The token is never written to a log or a message. ``check`` loads the file into the exact architecture (UNI2-h: built on the meta device, no 2.7 GB
-random initialisation) and prints missing / unexpected / mismatched keys.
+partial folder behind. The token is never written to a log or a message. ``check`` loads the file into the exact
+architecture (UNI2-h: built on the meta device, no 2.7 GB random initialisation) and prints missing / unexpected /
+mismatched keys.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -174,8 +176,6 @@ def _hf_download(**kw) -> str:
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
     """Exception classes that mean "huggingface.co could not be reached" (socket, httpx, requests)."""
-    import importlib
-
     types: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
     for mod, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
                        ("requests", ("ConnectionError", "Timeout"))):
@@ -261,7 +261,9 @@ def download_weights(
     stored under the name ``dest`` (atomic rename), the ``extra_files`` of the source (e.g. Nicheformer's
     ``config.json``) next to it when the repository has them. Writes ``<dest>.provenance.json``.
     The token is ``token`` or :func:`hf_token`. Raises :class:`WeightsError` with the fix when a gated
-    model has no token, access is refused, the repository/file does not exist, or the network fails.
+    model has no token, when the suffix of ``dest`` differs from the repository file's, and on every failed
+    download (offline, unauthorised, not found: :func:`hub_error`); the working folder ``.download_<model>`` and
+    any ``.part`` file are removed whatever happens.
     """
     s = source(model)
     repo_id = repo_id or s.repo_id

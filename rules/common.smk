@@ -6,7 +6,7 @@ from snakemake.utils import min_version, validate
 
 from workflow_scripts.configuration import (
     check_config,
-    coerce_cli_values,
+    coerce_config,
     load_schema,
     METHOD_PARAMS,
     reader_params as _reader_params,
@@ -22,14 +22,16 @@ min_version("9.19")  # profiles are read from profile.yaml since 9.19
 # Every config mistake fails here, before the first job, naming its key (workflow_scripts/configuration.py):
 # --config values typed as the schema asks (seeds=[0] arrives as ["0"]), the schema (types, ranges, defaults),
 # then the checks a schema cannot express (reader keys, HER2ST sections, encoders, method parameters).
+READER_SCHEMAS = reader_schemas(workflow.basedir)
 config.update(
-    coerce_cli_values(
-        dict(config), load_schema(os.path.join(workflow.basedir, "config/config.schema.yaml"))
+    coerce_config(
+        config,
+        load_schema(os.path.join(workflow.basedir, "config/config.schema.yaml")),
+        READER_SCHEMAS,
     )
 )
 validate(config, schema="../config/config.schema.yaml")
 check_config(config, repo=workflow.basedir, encoders=encoder_modalities())
-READER_SCHEMAS = reader_schemas(workflow.basedir)
 
 DATASETS = list(config.get("run_datasets") or config["datasets"])
 METHODS = list(config["methods"])

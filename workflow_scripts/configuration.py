@@ -2,7 +2,7 @@
 
 ``rules/common.smk`` calls, in this order:
 
-1. :func:`coerce_cli_values` — ``snakemake --config seeds=[0]`` hands the workflow the *string* ``"0"`` (Snakemake
+1. :func:`coerce_config` — ``snakemake --config seeds=[0]`` hands the workflow the *string* ``"0"`` (Snakemake
    parses nested ``--config`` values with YAML's BaseLoader, which types nothing). Strings are converted to the
    type the schema asks for (integer, number, boolean, null) wherever the schema does not also allow a string.
 2. ``snakemake.utils.validate`` against ``config/config.schema.yaml`` (types, ranges, defaults).
@@ -224,6 +224,18 @@ def coerce_cli_values(value, schema: Mapping, root: Mapping | None = None):
         if isinstance(items, Mapping):
             return [coerce_cli_values(v, items, root) for v in value]
     return value
+
+
+def coerce_config(config: Mapping, schema: Mapping, readers: Mapping[str, Mapping]) -> dict:
+    """:func:`coerce_cli_values` over the whole config: the main schema, then each dataset block with the key schema
+    of its reader (``readers``: :func:`reader_schemas`), whose keys the main schema does not describe."""
+    out = coerce_cli_values(dict(config), schema)
+    datasets = out.get("datasets")
+    if isinstance(datasets, dict):
+        for name, block in datasets.items():
+            if isinstance(block, dict) and block.get("reader") in readers:
+                datasets[name] = coerce_cli_values(block, readers[block["reader"]])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -262,7 +262,10 @@ def her2st_sections(resource_dir: str | Path) -> list[str] | None:
     if not path.is_file():
         return None
     with path.open(newline="") as fh:
-        return [row["section"] for row in csv.DictReader(fh, delimiter="\t")]
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    if rows and "section" not in rows[0]:
+        return None  # a damaged table: the reader names it when it runs
+    return [row["section"] for row in rows]
 
 
 def check_dataset(name: str, block: Mapping, schemas: Mapping[str, Mapping], workdir: str | Path = ".") -> list[str]:

@@ -8,7 +8,6 @@ from workflow_scripts.configuration import (
     check_config,
     coerce_config,
     load_schema,
-    METHOD_PARAMS,
     reader_params as _reader_params,
     reader_schemas,
     unknown_dataset_error,
@@ -41,7 +40,7 @@ SEEDS = [int(s) for s in config["seeds"]]
 MODALITIES = ["gex", "img"]
 # every name the wildcards may take (the schema's enums; workflow_scripts.methods.METHODS, not imported to keep
 # parsing free of torch)
-ALL_METHODS = list(METHOD_PARAMS)
+ALL_METHODS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
 ALL_BASELINES = ["unimodal_gex", "unimodal_img", "random"]
 
 

@@ -8,6 +8,8 @@ from workflow_scripts.configuration import (
     check_config,
     coerce_config,
     load_schema,
+    METHOD_TRAINING_KEYS,
+    TRAINING_KEYS,
     reader_params as _reader_params,
     reader_schemas,
     unknown_dataset_error,
@@ -116,7 +118,8 @@ def encoder_gpu(wildcards):
 
 def training_params(method):
     """The `training` block merged with `training.method_params.<method>` (as passed to fit_method)."""
-    t = {k: v for k, v in config["training"].items() if k not in ("method_params", "device", "threads")}
+    used = METHOD_TRAINING_KEYS.get(method, TRAINING_KEYS)  # cca and concat ignore most training keys
+    t = {k: v for k, v in config["training"].items() if k in used}
     t.update((config["training"].get("method_params") or {}).get(method) or {})
     return t
 

@@ -178,3 +178,21 @@ def test_reader_params_are_only_the_readers_keys():
     assert "patch_um" in lung and "stride_um" in lung  # the tiling depends on them
     for k in ("tasks", "spatial", "min_class_size", "encoders", "download"):
         assert k not in lung and k not in her2st
+
+
+def test_cca_and_concat_ignore_the_training_keys_the_rule_leaves_out():
+    """The align rule passes cca and concat only METHOD_TRAINING_KEYS: the others must not change their result."""
+    import numpy as np
+
+    from workflow_scripts.methods import fit_method
+
+    rng = np.random.default_rng(0)
+    z_gex, z_img = rng.normal(size=(60, 6)), rng.normal(size=(60, 5))
+    other = {"lr": 0.5, "weight_decay": 0.1, "batch_size": 7, "max_epochs": 2, "early_stopping_patience": 1,
+             "ema_smoothing": 0.5, "val_fraction_unsupervised": 0.3}
+    for method in ("cca", "concat"):
+        used = {k: v for k, v in {"projection_dim": 4, "val_fraction": 0.2}.items()
+                if k in C.METHOD_TRAINING_KEYS[method]}
+        a = fit_method(method, z_gex, z_img, used, seed=1, device="cpu", progress=False).z3
+        b = fit_method(method, z_gex, z_img, {**used, **other}, seed=1, device="cpu", progress=False).z3
+        np.testing.assert_array_equal(a, b)

@@ -106,6 +106,13 @@ def test_training_setting_reruns_training_not_embeddings(done):
     assert counts["probe"] == 1 and counts["spatial_probe"] == 1
 
 
+def test_learning_rate_does_not_refit_cca_or_concat(done):
+    counts, changed = planned(done, {"training": {"lr": 2e-4}}, "lr")
+    assert changed == {"align"}
+    assert counts["align"] == 8 and counts["probe"] == 8  # the ten methods but cca (closed form) and concat
+    assert "embed" not in counts and "random_baseline" not in counts
+
+
 def test_reader_setting_rebuilds_everything(done):
     counts, changed = planned(done, {"datasets": {"her2st": {"max_spots_per_slide": 30}}}, "reader")
     assert changed == {"prepare"}

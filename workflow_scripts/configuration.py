@@ -55,6 +55,11 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "concat": (),
 }
 
+#: Training keys that a method's result depends on, where that is not all of :data:`TRAINING_KEYS`: CCA is fitted in
+#: closed form (no epochs, batches or optimiser), concat is not fitted at all. The align rule passes only these, so
+#: changing the learning rate does not refit them.
+METHOD_TRAINING_KEYS: dict[str, tuple[str, ...]] = {"cca": ("projection_dim", "val_fraction"), "concat": ()}
+
 #: Each built-in encoder's parameters (the ``DEFAULTS`` of its module in ``workflow_scripts/encoders``).
 ENCODER_PARAMS: dict[str, tuple[str, ...]] = {
     "pca": ("target_sum", "n_top_genes", "n_comps", "scale"),

@@ -35,7 +35,7 @@ RESTORE = (
     "The repository ships the HER2ST files under resources/her2st (checksums in resources/her2st/SHA256SUMS); "
     "restore them with `git checkout -- resources/her2st` or fix `resource_dir` in the config."
 )
-#: Columns read from each HER2ST table (``sections.tsv`` column of its path → required columns).
+#: Columns each HER2ST table must have (keyed by the `sections.tsv` column that holds its path, or its name).
 COLUMNS = {
     "sections": ("section", "patient", "counts_path", "spots_path", "clusters_path", "deconv_path", "image_path",
                  "coord_scale", "um_per_px", "orig_um_per_px"),

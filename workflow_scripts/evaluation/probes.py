@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              args.dataset, args.name, args.seed, list(tasks), params)
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
+    check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
     df = run_probes(emb, adata, tasks, params, args.seed, args.min_class_size)
     write_result_table(df, args.out, args.dataset, args.name, args.seed)
 

@@ -51,6 +51,7 @@ from .probes import (
     read_spots,
     task_targets,
 )
+from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              args.dataset, args.name, args.seed, list(tasks), edges)
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
+    check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
     df = run_spatial_probe(emb, adata, tasks, edges, params, sparams, args.seed, args.min_class_size)
     write_result_table(df, args.out, args.dataset, args.name, args.seed)
 

@@ -1,10 +1,11 @@
 rule prepare:
-    """Read a dataset's raw files into the spot data model and draw sample patches for QC."""
+    """Read a dataset's raw files into the spot data model and its SpatialData view; draw sample patches for QC."""
     input:
         prepare_inputs,
     output:
         spots="results/{dataset}/spots.h5ad",
         cells="results/{dataset}/cells.h5ad",
+        sdata=directory("results/{dataset}/sdata.zarr"),
         qc=report(
             "results/{dataset}/qc/patches.png",
             caption="../report/qc_patches.rst",
@@ -23,5 +24,5 @@ rule prepare:
         seed=SEEDS[0],
     shell:
         "python -m workflow_scripts.data.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
-        " --seed {params.seed} --spots {output.spots} --cells {output.cells}"
+        " --seed {params.seed} --spots {output.spots} --cells {output.cells} --sdata {output.sdata}"
         " --qc-figure {output.qc} --log {log}"

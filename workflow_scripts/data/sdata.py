@@ -1,0 +1,188 @@
+"""The SpatialData view of a prepared dataset: ``results/{dataset}/sdata.zarr``.
+
+Written by ``prepare`` next to the spot data model (``spots.h5ad``, :mod:`workflow_scripts.data.model`) so that
+napari-spatialdata and spatialdata-plot open the dataset with its labels. Per slide ``s`` it holds
+
+* ``he_{s}`` — the slide's H&E (the image ``uns['slides'][s]['image_path']`` that patches are cut from), as an
+  RGB image (c, y, x) uint8, block-averaged by an integer factor ``k`` to about ``image_um_per_px`` µm per
+  pixel (``k = max(1, round(image_um_per_px / um_per_px))``; ``None`` keeps every pixel); a multiscale image
+  when a side exceeds :data:`MULTISCALE_ABOVE_PX` pixels;
+* ``spots_{s}`` — one shape per spot: a circle of the spot diameter (``uns['spot_diameter_um']``: Visium,
+  HER2ST) or, for tiled cell-level data (Xenium), the square patch of side ``uns['patch_um']``;
+
+and one table ``table`` (AnnData: the spots' raw counts, ``obs`` with every label, ``obsm['composition']``)
+that annotates the ``spots_*`` shapes: ``region_key='spatial_element'`` (the shapes element of the spot),
+``instance_key='instance_id'`` (the spot's index in that element); its ``obs_names`` are the spot ids.
+
+Coordinates: **µm**. Each slide has its own coordinate system named after the slide (µm in the slide's
+H&E frame: image pixel × µm/px, the frame of ``obs.x_um``/``y_um``), and the common ``global`` coordinate
+system places the slides side by side (slide ``i`` shifted right by the widths of slides ``0 … i-1`` plus a
+gap of 10 % of the widest slide), so that one plot shows them all. Shapes are placed at
+``(px_x, px_y) × um_per_px``, the very pixels :mod:`workflow_scripts.data.patches` cuts, so shapes and image
+overlay exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .patches import open_slide
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_UM_PER_PX = 2.0
+MULTISCALE_ABOVE_PX = 4096
+REGION_KEY = "spatial_element"
+INSTANCE_KEY = "instance_id"
+TABLE_NAME = "table"
+
+
+def downsample_factor(um_per_px: float, image_um_per_px: float | None) -> int:
+    """Integer block size ``k`` that brings an image of ``um_per_px`` closest to ``image_um_per_px`` (≥ 1)."""
+    if not image_um_per_px:
+        return 1
+    return max(1, int(round(float(image_um_per_px) / float(um_per_px))))
+
+
+def read_slide_image(path: str | Path, k: int, band_px: int = 512) -> np.ndarray:
+    """The slide image at ``path`` block-averaged by ``k`` × ``k`` pixels → (3, H // k, W // k) uint8.
+
+    Read through :func:`workflow_scripts.data.patches.open_slide` (the reader patches are cut with; lazy for
+    TIFFs) in bands of ``band_px`` output rows, so a whole-slide TIFF is never in memory at full resolution.
+    Output pixel ``(J, I)`` is the mean of input pixels ``[kJ, kJ + k) × [kI, kI + k)`` (Pillow
+    ``Image.reduce``); the last ``H mod k`` rows and ``W mod k`` columns are left out.
+    """
+    slide = open_slide(path)
+    h, w = slide.height // k, slide.width // k
+    if h == 0 or w == 0:
+        raise ValueError(f"{path}: image of {slide.width} x {slide.height} px is smaller than the block size {k}")
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    step = max(1, band_px)
+    for j0 in range(0, h, step):
+        j1 = min(h, j0 + step)
+        band = slide.read_region(0, j0 * k, w * k, (j1 - j0) * k)
+        out[j0:j1] = np.asarray(Image.fromarray(band).reduce(k)) if k > 1 else band
+    return np.moveaxis(out, 2, 0)
+
+
+def spot_shapes(centres_um: np.ndarray, spot_diameter_um: float | None, patch_um: float | None):
+    """Shapes of the spots of one slide, indexed 0 … n-1, in µm.
+
+    Circles of diameter ``spot_diameter_um`` at ``centres_um`` (n, 2) when it is given, else axis-aligned squares
+    of side ``patch_um`` centred there. Returns a GeoDataFrame (not yet parsed by ``ShapesModel``).
+    Raises ValueError when neither size is given.
+    """
+    import geopandas as gpd
+    import shapely
+
+    c = np.asarray(centres_um, dtype=float)
+    index = pd.Index(np.arange(len(c)), name=INSTANCE_KEY)
+    if spot_diameter_um:
+        gdf = gpd.GeoDataFrame(geometry=gpd.points_from_xy(c[:, 0], c[:, 1]), index=index)
+        gdf["radius"] = float(spot_diameter_um) / 2.0
+        return gdf
+    if not patch_um:
+        raise ValueError("spots need uns['spot_diameter_um'] (circles) or uns['patch_um'] (squares)")
+    half = float(patch_um) / 2.0
+    boxes = shapely.box(c[:, 0] - half, c[:, 1] - half, c[:, 0] + half, c[:, 1] + half)
+    return gpd.GeoDataFrame(geometry=boxes, index=index)
+
+
+def _table(spots: ad.AnnData, element: np.ndarray, instance: np.ndarray) -> ad.AnnData:
+    """The table of the SpatialData object: counts, obs, obsm['composition'] and uns of the spots."""
+    obs = spots.obs.copy()
+    for col in (REGION_KEY, INSTANCE_KEY):
+        if col in obs.columns:
+            raise ValueError(f"spots.obs already has a column {col!r}, needed for the SpatialData table")
+    obs[REGION_KEY] = pd.Categorical(element)
+    obs[INSTANCE_KEY] = instance
+    table = ad.AnnData(X=spots.X.copy(), obs=obs, var=spots.var.copy(), uns=dict(spots.uns))
+    if "composition" in spots.obsm:
+        table.obsm["composition"] = np.asarray(spots.obsm["composition"], dtype=float)
+    return table
+
+
+def build_sdata(spots: ad.AnnData, image_um_per_px: float | None = DEFAULT_IMAGE_UM_PER_PX,
+                patch_um: float | None = None):
+    """Build the SpatialData object of a spots AnnData (see the module docstring for its elements).
+
+    Parameters
+    ----------
+    spots : AnnData following :mod:`workflow_scripts.data.model`; ``uns['spot_diameter_um']`` (circles) or
+        ``uns['patch_um']`` / ``patch_um`` (squares) give the shape size in µm.
+    image_um_per_px : target resolution of the written H&E (µm/px); ``None`` keeps full resolution.
+    patch_um : square side (µm) when ``uns`` gives no spot diameter and no ``patch_um``.
+
+    Returns
+    -------
+    spatialdata.SpatialData. Raises ValueError when the spots lack a shape size or a slide name is not a valid
+    element name.
+    """
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale, Sequence, Translation
+
+    diameter = spots.uns.get("spot_diameter_um")
+    side = spots.uns.get("patch_um", patch_um)
+    slide_of = spots.obs["slide"].astype(str).to_numpy()
+    slides = list(pd.unique(slide_of))
+    images, shapes = {}, {}
+    element = np.empty(spots.n_obs, dtype=object)
+    instance = np.zeros(spots.n_obs, dtype=np.int64)
+    widths, frames = [], []
+    for s in slides:
+        info = spots.uns["slides"][s]
+        um = float(info["um_per_px"])
+        k = downsample_factor(um, image_um_per_px)
+        img = read_slide_image(info["image_path"], k)
+        widths.append(img.shape[2] * k * um)
+        frames.append((s, um, k, img))
+    gap = 0.1 * max(widths)
+    offsets = np.concatenate([[0.0], np.cumsum(np.asarray(widths) + gap)[:-1]])
+    for (s, um, k, img), off in zip(frames, offsets):
+        shift = Translation([off, 0.0], axes=("x", "y"))
+        to_um = Scale([um * k, um * k], axes=("x", "y"))
+        scale_factors = None
+        if max(img.shape[1:]) > MULTISCALE_ABOVE_PX:
+            n = int(np.ceil(np.log2(max(img.shape[1:]) / MULTISCALE_ABOVE_PX)))
+            scale_factors = [2] * n
+        images[f"he_{s}"] = Image2DModel.parse(
+            img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=scale_factors,
+            transformations={s: to_um, "global": Sequence([to_um, shift])},
+        )
+        rows = np.flatnonzero(slide_of == s)
+        centres = spots.obs[["px_x", "px_y"]].to_numpy(float)[rows] * um
+        name = f"spots_{s}"
+        shapes[name] = ShapesModel.parse(spot_shapes(centres, diameter, side),
+                                         transformations={s: Identity(), "global": shift})
+        element[rows] = name
+        instance[rows] = np.arange(len(rows))
+        log.info("%s: H&E %s at %.3f µm/px (block %d) and %d %s", s, tuple(img.shape), um * k, k, len(rows),
+                 "circles" if diameter else "squares")
+    table = TableModel.parse(_table(spots, element, instance), region=list(shapes), region_key=REGION_KEY,
+                             instance_key=INSTANCE_KEY)
+    return SpatialData(images=images, shapes=shapes, tables={TABLE_NAME: table})
+
+
+def write_sdata(spots: ad.AnnData, path: str | Path, image_um_per_px: float | None = DEFAULT_IMAGE_UM_PER_PX,
+                patch_um: float | None = None) -> Path:
+    """Build (:func:`build_sdata`) and write the SpatialData zarr store at ``path`` (replaced if present)."""
+    path = Path(path)
+    sdata = build_sdata(spots, image_um_per_px, patch_um)
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # one line per array of the table, about a future zarr default
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+        sdata.write(path)
+    log.info("wrote %s: %d images, %d shapes elements, table of %d spots", path, len(sdata.images),
+             len(sdata.shapes), sdata.tables[TABLE_NAME].n_obs)
+    return path

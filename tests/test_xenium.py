@@ -334,13 +334,18 @@ def test_open_slide_reads_planar_ome_tiff(tmp_path):
     assert (slide.read_region(10, 20, 30, 40) == img[20:60, 10:40]).all()
 
 
-def test_input_files_and_missing_configured_file(breast, tmp_path):
+def test_input_files_and_missing_configured_file(breast, tmp_path, caplog):
     root, _, _, _ = breast
     p = breast_params(root, ["BR1", "BR2"])
     files = xenium.input_files(p)
     assert len(files) == 2 * 8 and all(Path(f).exists() for f in files)  # 4 outs files + 4 configured files
     assert str(root / "BR2" / "he_imagealignment.csv") in files and str(root / "BR1" / "cells.zarr.zip") in files
-    make_breast_sample(tmp_path, "BR1", 4, 100)
+    t = make_breast_sample(tmp_path, "BR1", 4, 100)
+    with caplog.at_level("INFO", logger="workflow_scripts.data.xenium"):
+        counts, cent, _ = xenium.read_outs(tmp_path / "BR1", "BR1")
+    assert list(counts.var_names) == GENES and list(counts.obs_names) == t["ids"]
+    assert "dropped 2 non-gene features" in caplog.text  # the negative-control probe and the blank codeword
+    assert np.array_equal(counts.X.toarray(), t["counts"].to_numpy())
     (tmp_path / "BR1" / "he_imagealignment.csv").unlink()
     with pytest.raises(FileNotFoundError, match="files.alignment not found.*he_imagealignment.csv"):
         xenium.build_dataset(breast_params(tmp_path, ["BR1"]), seed=0)

@@ -1,7 +1,7 @@
 """Patch building for cell-level data (Xenium): tile the tissue, collect the cells of each tile.
 
-The paper's datasets pair one H&E patch with "the cells inside it" (``shared/reference/
-docs/reference.md#pipeline and docs/reference.md#flaw-5: ``gexp`` = cells × genes of the patch, at most 200 cells,
+The paper's datasets pair one H&E patch with "the cells inside it" (docs/reference.md#pipeline and
+docs/reference.md#flaw-5: ``gexp`` = cells × genes of the patch, at most 200 cells,
 ``annotation`` = region label of the patch, ``cell_type_ratio`` = cell-type fractions). The reference
 does not publish the patch geometry, so it is configured here:
 

@@ -313,6 +313,21 @@ def test_sdata_zarr_of_the_patches(breast, tmp_path):
         640 * 0.265625
 
 
+def test_sdata_image_is_the_block_mean_read_in_bands(tmp_path):
+    from workflow_scripts.data.sdata import downsample_factor, read_slide_image
+
+    img = np.random.default_rng(0).integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    write_ome_pyramid(tmp_path / "he.ome.tif", img, 0.5)
+    assert downsample_factor(0.69, 2.0) == 3 and downsample_factor(3.2, 2.0) == 1 and downsample_factor(0.5, None) == 1
+    k = 3
+    want = img[:99, :129].reshape(33, k, 43, k, 3).astype(float).mean(axis=(1, 3))
+    small_bands = read_slide_image(tmp_path / "he.ome.tif", k, band_bytes=3 * k * k * 43 * 4)  # 4 output rows
+    assert small_bands.shape == (3, 33, 43)
+    assert np.abs(np.moveaxis(small_bands, 0, 2) - want).max() < 1  # Pillow rounds in fixed point
+    assert np.array_equal(small_bands, read_slide_image(tmp_path / "he.ome.tif", k))
+    assert np.array_equal(read_slide_image(tmp_path / "he.ome.tif", 1), np.moveaxis(img, 2, 0))
+
+
 def test_outputs_write_and_read_as_h5ad(breast, tmp_path):
     import anndata as ad
 

@@ -52,12 +52,13 @@ def downsample_factor(um_per_px: float, image_um_per_px: float | None) -> int:
     return max(1, int(round(float(image_um_per_px) / float(um_per_px))))
 
 
-def read_slide_image(path: str | Path, k: int, band_px: int = 512) -> np.ndarray:
+def read_slide_image(path: str | Path, k: int, band_bytes: int = 2**28) -> np.ndarray:
     """The slide image at ``path`` block-averaged by ``k`` × ``k`` pixels → (3, H // k, W // k) uint8.
 
     Read through :func:`workflow_scripts.data.patches.open_slide` (the reader patches are cut with; lazy for
-    TIFFs) in bands of ``band_px`` output rows, so a whole-slide TIFF is never in memory at full resolution.
-    Output pixel ``(J, I)`` is the mean of input pixels ``[kJ, kJ + k) × [kI, kI + k)`` (Pillow
+    TIFFs) in bands of full-resolution rows of at most ``band_bytes`` (256 MiB), so a whole-slide TIFF is never in
+    memory at full resolution (unless ``k`` = 1, when the output is that resolution).
+    Output pixel ``(J, I)`` is the mean of input pixels ``[kJ, kJ + k) × [kI, kI + k)`` (within one grey level: Pillow
     ``Image.reduce``); the last ``H mod k`` rows and ``W mod k`` columns are left out.
     """
     slide = open_slide(path)
@@ -65,7 +66,7 @@ def read_slide_image(path: str | Path, k: int, band_px: int = 512) -> np.ndarray
     if h == 0 or w == 0:
         raise ValueError(f"{path}: image of {slide.width} x {slide.height} px is smaller than the block size {k}")
     out = np.empty((h, w, 3), dtype=np.uint8)
-    step = max(1, band_px)
+    step = max(1, band_bytes // (3 * k * k * w))  # output rows per band
     for j0 in range(0, h, step):
         j1 = min(h, j0 + step)
         band = slide.read_region(0, j0 * k, w * k, (j1 - j0) * k)

@@ -120,7 +120,7 @@ def test_sdata_zarr_of_the_spots(outs_dataset, tmp_path):
     import spatialdata
     from spatialdata.transformations import get_transformation_between_coordinate_systems
 
-    from workflow_scripts.data.sdata import write_sdata
+    from workflow_scripts.data.sdata import build_sdata, write_sdata
 
     params, _ = outs_dataset
     params["files"]["image"] = "lowres"
@@ -147,6 +147,10 @@ def test_sdata_zarr_of_the_spots(outs_dataset, tmp_path):
 
     ref = np.asarray(Image.open(TOY / "spatial/tissue_lowres_image.png").convert("RGB"))
     assert np.array_equal(np.moveaxis(img, 0, 2), ref)
+    # the in-memory object holds what write_sdata wrote slide by slide
+    mem = build_sdata(spots)
+    assert set(mem.images) == set(sd.images) and set(mem.shapes) == set(sd.shapes)
+    assert np.array_equal(np.asarray(mem.images["he_S1"]), img)
 
 
 def test_input_files_list_what_prepare_reads(outs_dataset):

@@ -111,9 +111,67 @@ def _table(spots: ad.AnnData, element: np.ndarray, instance: np.ndarray) -> ad.A
     return table
 
 
+def _image_width_px(path: str | Path) -> int:
+    """Width (px) of a slide image from its header (TIFFs lazily through ``open_slide``, others with Pillow)."""
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        return open_slide(path).width
+    with Image.open(path) as im:
+        return im.width
+
+
+def _layout(spots: ad.AnnData, patch_um: float | None):
+    """Slides in order, their µm/px and x offsets in ``global`` (µm), the shapes elements and the table."""
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Translation
+
+    diameter = spots.uns.get("spot_diameter_um")
+    side = spots.uns.get("patch_um", patch_um)
+    slide_of = spots.obs["slide"].astype(str).to_numpy()
+    slides = list(pd.unique(slide_of))
+    ums = [float(spots.uns["slides"][s]["um_per_px"]) for s in slides]
+    widths = np.array([_image_width_px(spots.uns["slides"][s]["image_path"]) * um for s, um in zip(slides, ums)])
+    offsets = np.concatenate([[0.0], np.cumsum(widths + 0.1 * widths.max())[:-1]])
+    shapes = {}
+    element = np.empty(spots.n_obs, dtype=object)
+    instance = np.zeros(spots.n_obs, dtype=np.int64)
+    for s, um, off in zip(slides, ums, offsets):
+        rows = np.flatnonzero(slide_of == s)
+        centres = spots.obs[["px_x", "px_y"]].to_numpy(float)[rows] * um
+        name = f"spots_{s}"
+        shift = Translation([off, 0.0], axes=("x", "y"))
+        shapes[name] = ShapesModel.parse(spot_shapes(centres, diameter, side),
+                                         transformations={s: Identity(), "global": shift})
+        element[rows] = name
+        instance[rows] = np.arange(len(rows))
+        log.info("%s: %d %s", s, len(rows), f"circles of {diameter:g} µm" if diameter else f"squares of {side:g} µm")
+    table = TableModel.parse(_table(spots, element, instance), region=list(shapes), region_key=REGION_KEY,
+                             instance_key=INSTANCE_KEY)
+    return list(zip(slides, ums, offsets)), shapes, table
+
+
+def slide_image_element(path: str | Path, slide: str, um_per_px: float, offset_um: float,
+                        image_um_per_px: float | None):
+    """The H&E element of one slide: (c, y, x) uint8, block-averaged (:func:`read_slide_image`), multiscale above
+    :data:`MULTISCALE_ABOVE_PX`, with ``Scale(µm/px)`` to the slide's coordinate system and that plus a shift of
+    ``offset_um`` along x to ``global``."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale, Sequence, Translation
+
+    k = downsample_factor(um_per_px, image_um_per_px)
+    img = read_slide_image(path, k)
+    to_um = Scale([um_per_px * k] * 2, axes=("x", "y"))
+    side = max(img.shape[1:])
+    n = int(np.ceil(np.log2(side / MULTISCALE_ABOVE_PX))) if side > MULTISCALE_ABOVE_PX else 0  # pyramid levels
+    log.info("%s: H&E %s at %.3f µm/px (blocks of %d px)", slide, tuple(img.shape), um_per_px * k, k)
+    return Image2DModel.parse(
+        img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2] * n or None,
+        transformations={slide: to_um, "global": Sequence([to_um, Translation([offset_um, 0.0], axes=("x", "y"))])},
+    )
+
+
 def build_sdata(spots: ad.AnnData, image_um_per_px: float | None = DEFAULT_IMAGE_UM_PER_PX,
                 patch_um: float | None = None):
-    """Build the SpatialData object of a spots AnnData (see the module docstring for its elements).
+    """Build the SpatialData object of a spots AnnData in memory (see the module docstring for its elements).
 
     Parameters
     ----------
@@ -125,65 +183,41 @@ def build_sdata(spots: ad.AnnData, image_um_per_px: float | None = DEFAULT_IMAGE
     Returns
     -------
     spatialdata.SpatialData. Raises ValueError when the spots lack a shape size or a slide name is not a valid
-    element name.
+    element name. :func:`write_sdata` writes the same object holding one slide image in memory at a time.
     """
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale, Sequence, Translation
 
-    diameter = spots.uns.get("spot_diameter_um")
-    side = spots.uns.get("patch_um", patch_um)
-    slide_of = spots.obs["slide"].astype(str).to_numpy()
-    slides = list(pd.unique(slide_of))
-    images, shapes = {}, {}
-    element = np.empty(spots.n_obs, dtype=object)
-    instance = np.zeros(spots.n_obs, dtype=np.int64)
-    widths, frames = [], []
-    for s in slides:
-        info = spots.uns["slides"][s]
-        um = float(info["um_per_px"])
-        k = downsample_factor(um, image_um_per_px)
-        img = read_slide_image(info["image_path"], k)
-        widths.append(img.shape[2] * k * um)
-        frames.append((s, um, k, img))
-    gap = 0.1 * max(widths)
-    offsets = np.concatenate([[0.0], np.cumsum(np.asarray(widths) + gap)[:-1]])
-    for (s, um, k, img), off in zip(frames, offsets):
-        shift = Translation([off, 0.0], axes=("x", "y"))
-        to_um = Scale([um * k, um * k], axes=("x", "y"))
-        scale_factors = None
-        if max(img.shape[1:]) > MULTISCALE_ABOVE_PX:
-            n = int(np.ceil(np.log2(max(img.shape[1:]) / MULTISCALE_ABOVE_PX)))
-            scale_factors = [2] * n
-        images[f"he_{s}"] = Image2DModel.parse(
-            img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=scale_factors,
-            transformations={s: to_um, "global": Sequence([to_um, shift])},
-        )
-        rows = np.flatnonzero(slide_of == s)
-        centres = spots.obs[["px_x", "px_y"]].to_numpy(float)[rows] * um
-        name = f"spots_{s}"
-        shapes[name] = ShapesModel.parse(spot_shapes(centres, diameter, side),
-                                         transformations={s: Identity(), "global": shift})
-        element[rows] = name
-        instance[rows] = np.arange(len(rows))
-        log.info("%s: H&E %s at %.3f µm/px (block %d) and %d %s", s, tuple(img.shape), um * k, k, len(rows),
-                 "circles" if diameter else "squares")
-    table = TableModel.parse(_table(spots, element, instance), region=list(shapes), region_key=REGION_KEY,
-                             instance_key=INSTANCE_KEY)
+    plan, shapes, table = _layout(spots, patch_um)
+    images = {f"he_{s}": slide_image_element(spots.uns["slides"][s]["image_path"], s, um, off, image_um_per_px)
+              for s, um, off in plan}
     return SpatialData(images=images, shapes=shapes, tables={TABLE_NAME: table})
 
 
 def write_sdata(spots: ad.AnnData, path: str | Path, image_um_per_px: float | None = DEFAULT_IMAGE_UM_PER_PX,
                 patch_um: float | None = None) -> Path:
-    """Build (:func:`build_sdata`) and write the SpatialData zarr store at ``path`` (replaced if present)."""
+    """Write the SpatialData zarr store of :func:`build_sdata` at ``path`` (replaced if present).
+
+    The shapes and the table are written first, then the slide images one at a time, so only one slide image is
+    in memory (``image_um_per_px=None`` on whole-slide images: about 3 bytes per pixel of the largest slide).
+    """
+    from spatialdata import SpatialData
+
     path = Path(path)
-    sdata = build_sdata(spots, image_um_per_px, patch_um)
+    plan, shapes, table = _layout(spots, patch_um)
     if path.exists():
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # one line per array of the table, about a future zarr default
         warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+        sdata = SpatialData(shapes=shapes, tables={TABLE_NAME: table})
         sdata.write(path)
-    log.info("wrote %s: %d images, %d shapes elements, table of %d spots", path, len(sdata.images),
-             len(sdata.shapes), sdata.tables[TABLE_NAME].n_obs)
+        for s, um, off in plan:
+            name = f"he_{s}"
+            sdata.images[name] = slide_image_element(spots.uns["slides"][s]["image_path"], s, um, off,
+                                                     image_um_per_px)
+            sdata.write_element(name)
+            del sdata.images[name]
+        sdata.write_consolidated_metadata()
+    log.info("wrote %s: %d images, %d shapes elements, table of %d spots", path, len(plan), len(shapes),
+             table.n_obs)
     return path

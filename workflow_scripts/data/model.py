@@ -18,6 +18,9 @@ counts of the cells inside it and ``obsm['cell_counts']`` is not used).
     image at ``image_path`` (µm per image pixel).
 ``uns['dataset']``
     the dataset name.
+``uns['spot_diameter_um']`` / ``uns['patch_um']`` (optional)
+    the physical spot diameter (µm; HER2ST, Visium) or, for tiled cell-level data, the patch side (µm): the
+    shapes of the SpatialData view ``sdata.zarr`` (:mod:`workflow_scripts.data.sdata`).
 """
 
 from __future__ import annotations

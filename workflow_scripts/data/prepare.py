@@ -1,14 +1,15 @@
 """Stage 1, ``prepare``: read a dataset's raw files into the spot data model.
 
 Writes ``results/{dataset}/spots.h5ad`` (see :mod:`workflow_scripts.data.model`), ``cells.h5ad`` (the
-per-cell counts of cell-level data; for spot-level data each spot is its own "cell") and a QC figure
-with sample patches and their spot ids.
+per-cell counts of cell-level data; for spot-level data each spot is its own "cell"), the SpatialData view
+``sdata.zarr`` (H&E, spot shapes, labelled table; :mod:`workflow_scripts.data.sdata`) and a QC figure with
+sample patches and their spot ids.
 
 CLI::
 
     python -m workflow_scripts.data.prepare --dataset her2st --params '{...dataset config...}' \
         --seed 0 --spots results/her2st/spots.h5ad --cells results/her2st/cells.h5ad \
-        --qc-figure results/her2st/qc/patches.png --log logs/her2st/prepare.log
+        --sdata results/her2st/sdata.zarr --qc-figure results/her2st/qc/patches.png --log logs/her2st/prepare.log
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .model import validate_spots
+from .sdata import DEFAULT_IMAGE_UM_PER_PX, write_sdata
 from ..io import setup_logging
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ READERS = {
     "xenium": "workflow_scripts.data.xenium:build_dataset",
     "visium": "workflow_scripts.data.visium:build_dataset",
 }
+
+HER2ST_SPOT_UM = 100.0  # legacy ST spots are 100 µm across (workflow_scripts/data/her2st.py)
 
 
 def build_her2st(params: dict, seed: int):
@@ -46,6 +50,7 @@ def build_her2st(params: dict, seed: int):
         max_spots_per_slide=params.get("max_spots_per_slide"),
         seed=seed,
     )
+    spots.uns["spot_diameter_um"] = HER2ST_SPOT_UM
     return spots, None
 
 
@@ -100,8 +105,12 @@ def qc_figure(spots: ad.AnnData, patch_um: float, out: str | Path, n_per_slide: 
     plt.close(fig)
 
 
-def prepare(dataset: str, params: dict, seed: int, spots_out, cells_out, qc_out=None) -> ad.AnnData:
-    """Run the dataset's reader, validate, write spots/cells AnnData and the QC figure; return the spots."""
+def prepare(dataset: str, params: dict, seed: int, spots_out, cells_out, qc_out=None, sdata_out=None) -> ad.AnnData:
+    """Run the dataset's reader, validate, write spots/cells AnnData, the SpatialData zarr and the QC figure.
+
+    ``sdata_out`` (optional) receives :func:`workflow_scripts.data.sdata.write_sdata` with the H&E at
+    ``params['sdata_um_per_px']`` µm/px (default 2; null = full resolution). Returns the spots.
+    """
     reader = get_reader(params.get("reader", dataset))
     spots, cells = reader(params, seed)
     spots.uns["dataset"] = dataset
@@ -122,6 +131,9 @@ def prepare(dataset: str, params: dict, seed: int, spots_out, cells_out, qc_out=
     Path(spots_out).parent.mkdir(parents=True, exist_ok=True)
     spots.write_h5ad(spots_out, compression="gzip")
     cells.write_h5ad(cells_out, compression="gzip")
+    if sdata_out:
+        write_sdata(spots, sdata_out, params.get("sdata_um_per_px", DEFAULT_IMAGE_UM_PER_PX),
+                    float(params.get("patch_um", 200)))
     if qc_out:
         qc_figure(spots, float(params.get("patch_um", 200)), qc_out, seed=seed)
     return spots
@@ -134,11 +146,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spots", required=True)
     p.add_argument("--cells", required=True)
+    p.add_argument("--sdata", help="SpatialData zarr store to write (optional)")
     p.add_argument("--qc-figure")
     p.add_argument("--log")
     a = p.parse_args(argv)
     setup_logging(a.log)
-    prepare(a.dataset, json.loads(a.params), a.seed, a.spots, a.cells, a.qc_figure)
+    prepare(a.dataset, json.loads(a.params), a.seed, a.spots, a.cells, a.qc_figure, a.sdata)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def fused_files(dataset):
     for name, v in (config["datasets"][dataset].get("fused") or {}).items():
         out[name] = dict(v) if isinstance(v, dict) else {"path": str(v)}
         if not out[name].get("path"):
-            raise ValueError(f"config datasets.{dataset}.fused.{name}: give a file path (or {{path: FILE, key: KEY}})")
+            raise ValueError(
+                f"config datasets.{dataset}.fused.{name}: give a file path (or {{path: FILE, key: KEY}})"
+            )
         if name in ALL_METHODS + ALL_BASELINES + ALL_CONTROLS:
             raise ValueError(
                 f"config datasets.{dataset}.fused.{name}: the name is taken by a method, baseline or control; rename it"
@@ -95,7 +97,9 @@ def fused_source(dataset, name, seed):
     """The user's file of fused embedding ``name`` (``{seed}`` in its path is replaced by the seed)."""
     spec = fused_files(dataset).get(name)
     if spec is None:
-        raise ValueError(f"dataset {dataset} has no fused embedding {name!r} (config datasets.{dataset}.fused)")
+        raise ValueError(
+            f"dataset {dataset} has no fused embedding {name!r} (config datasets.{dataset}.fused)"
+        )
     return spec["path"].replace("{seed}", str(seed))
 
 

@@ -14,7 +14,7 @@ small non-linear model with its regularisation chosen by inner cross-validation 
   regression through ``MultiOutputRegressor``.
 
 Scores: macro-F1 over the classes present in both parts (as the linear probe), R² uniform-averaged over outputs.
-Deterministic for a given ``seed`` (the inner folds, the network initialisation, the boosting's early-stopping
+Threads (OpenMP, BLAS) are limited to ``threads`` (1) while fitting. Deterministic for a given ``seed`` (the inner folds, the network initialisation, the boosting's early-stopping
 split). An L-BFGS run that stops at ``max_iter`` before converging is reported by scikit-learn's warning in the
 log.
 
@@ -39,6 +39,7 @@ NONLINEAR_DEFAULTS = {
     "leaves": [7, 31],
     "inner_folds": 3,
     "max_iter": 300,
+    "threads": 1,
 }
 
 
@@ -114,10 +115,14 @@ def nonlinear_probe_fold(
         scoring = "r2"
     else:
         raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
+    from threadpoolctl import threadpool_limits
+
     est, grid = _estimator(task_type, p, seed)
     search = GridSearchCV(est, grid, cv=cv, scoring=scoring, refit=True, n_jobs=1)
-    search.fit(X_train, y_train)
-    pred = search.predict(X_test)
+    # the boosting's OpenMP and BLAS would otherwise take every core of a shared machine (oversubscription)
+    with threadpool_limits(limits=int(p["threads"])):
+        search.fit(X_train, y_train)
+        pred = search.predict(X_test)
     if task_type == "classification":
         value = f1_score(y_test, pred, labels=np.unique(y_train), average="macro", zero_division=0)
     else:

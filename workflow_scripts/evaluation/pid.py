@@ -186,7 +186,7 @@ def plugin_mi(x: np.ndarray, y: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------------
 def discretise(X: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
     """Cluster codes of the rows of ``X`` (n, d): k-means (scikit-learn, Lloyd; Lloyd 1982) on the standardised
-    columns with ``n_init`` restarts and ``random_state=seed`` (deterministic).
+    columns with ``n_init`` restarts and ``random_state=seed`` (deterministic), on one thread.
 
     A 1-D ``X`` is treated as (n, 1). ``k`` is clipped to the number of distinct rows (logged). Returns (n,) int
     codes in [0, k). Raises ValueError for k < 1 or non-finite values.
@@ -207,9 +207,12 @@ def discretise(X: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> np.nda
         log.info("discretise: k clipped from %d to %d distinct rows", k, k_eff)
     if k_eff <= 1:
         return np.zeros(len(X), dtype=int)
+    from threadpoolctl import threadpool_limits
+
     Xs = StandardScaler().fit_transform(X)
     km = KMeans(n_clusters=k_eff, n_init=int(n_init), random_state=int(seed))
-    return km.fit_predict(Xs).astype(int)
+    with threadpool_limits(limits=1):  # one job = one core (the rule's threads); no OpenMP oversubscription
+        return km.fit_predict(Xs).astype(int)
 
 
 def discretise_target(y: pd.Series | pd.DataFrame | np.ndarray, y_bins: int, seed: int = 0,

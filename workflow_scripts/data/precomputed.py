@@ -118,9 +118,8 @@ def read_precomputed(params: dict) -> ad.AnnData:
                   for s in sorted(set(table["slide"]))}
     else:
         if {"px_x", "px_y"} & set(table.columns):
-            log.info("%s: px_x/px_y given but no images; they are kept and not used", path)
-        table["px_x"] = table.get("px_x", table["x_um"])
-        table["px_y"] = table.get("px_y", table["y_um"])
+            log.info("%s: px_x/px_y given but no images; replaced by the µm coordinates (um_per_px 1)", path)
+        table["px_x"], table["px_y"] = table["x_um"], table["y_um"]
         slides = {s: {"image_path": "", "um_per_px": 1.0} for s in sorted(set(table["slide"]))}
     obsm = {}
     used = set()

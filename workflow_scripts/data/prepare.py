@@ -35,6 +35,8 @@ READERS = {
     "her2st": "workflow_scripts.data.prepare:build_her2st",
     "xenium": "workflow_scripts.data.xenium:build_dataset",
     "visium": "workflow_scripts.data.visium:build_dataset",
+    "synthetic": "workflow_scripts.data.synthetic:build_dataset",
+    "precomputed": "workflow_scripts.data.precomputed:build_dataset",
 }
 
 HER2ST_SPOT_UM = 100.0  # legacy ST spots are 100 µm across (workflow_scripts/data/her2st.py)
@@ -70,12 +72,60 @@ def spots_as_cells(spots: ad.AnnData) -> ad.AnnData:
     return cells
 
 
-def qc_figure(spots: ad.AnnData, patch_um: float, out: str | Path, n_per_slide: int = 3, seed: int = 0) -> None:
-    """Save a grid of sample patches (``n_per_slide`` per slide, titled with their spot ids) to ``out``."""
+def spot_map_figure(spots: ad.AnnData, out: str | Path) -> None:
+    """QC figure of a dataset without H&E images: the spots of each slide at their µm coordinates, coloured by the
+    first label column (or the donor), saved to ``out``. No patch is cut."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    slides = sorted(spots.obs["slide"].astype(str).unique())
+    label_col = next((c for c in spots.obs.columns if c not in ("slide", "donor", "split")
+                      and isinstance(spots.obs[c].dtype, pd.CategoricalDtype)), "donor")
+    codes, names = pd.factorize(spots.obs[label_col].astype(str), sort=True)
+    ncol = min(len(slides), 4)
+    nrow = int(np.ceil(len(slides) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 3.0 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for ax, s in zip(axes.ravel(), slides):
+        m = spots.obs["slide"].astype(str).to_numpy() == s
+        ax.axis("on")
+        ax.scatter(spots.obs["x_um"][m], spots.obs["y_um"][m], c=[cmap(c % cmap.N) for c in codes[m]], s=6)
+        ax.set_title(f"{s} ({int(m.sum())} spots)", fontsize=8)
+        ax.set_xlabel("x (µm)", fontsize=7)
+        ax.set_ylabel("y (µm)", fontsize=7)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=6)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(i % cmap.N), label=n) for i, n in enumerate(names)]
+    fig.legend(handles=handles[:20], title=label_col, fontsize=7, title_fontsize=7, loc="center right")
+    fig.suptitle(f"{spots.uns.get('dataset', '')}: spots (no H&E images; coloured by {label_col})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.85, 1 - 0.35 / fig.get_figheight()))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def qc_figure(spots: ad.AnnData, patch_um: float, out: str | Path, n_per_slide: int = 3, seed: int = 0) -> None:
+    """Save a grid of sample patches (``n_per_slide`` per slide, titled with their spot ids) to ``out``.
+
+    A dataset without slide images (:func:`workflow_scripts.data.model.has_images` false) gets the spot map of
+    :func:`spot_map_figure` instead; no patch is cut.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .model import has_images
+
+    if not has_images(spots):
+        log.info("no slide images: the QC figure shows the spot layout instead of patches")
+        spot_map_figure(spots, out)
+        return
 
     from .patches import patch_reader
 

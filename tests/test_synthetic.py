@@ -95,3 +95,18 @@ def test_no_patches_are_cut_and_the_qc_figure_is_a_spot_map(tmp_path):
     back = ad.read_h5ad(tmp_path / "spots.h5ad")
     np.testing.assert_allclose(back.obsm["img_embedding"], spots.obsm["img_embedding"])
     assert back.uns["slides"]["S1"]["image_path"] == ""
+
+
+def test_sdata_of_a_dataset_without_images_has_shapes_and_a_table(tmp_path):
+    import spatialdata
+
+    from workflow_scripts.data.prepare import prepare
+
+    params = {"reader": "synthetic", "generator": SMALL}
+    spots = prepare("syn", params, 0, tmp_path / "spots.h5ad", tmp_path / "cells.h5ad", None, tmp_path / "sd.zarr")
+    sd = spatialdata.read_zarr(tmp_path / "sd.zarr")
+    assert len(sd.images) == 0
+    slides = list(spots.uns["slides"])
+    assert sorted(sd.shapes) == sorted(f"spots_{s}" for s in slides)
+    assert sum(len(sd.shapes[f"spots_{s}"]) for s in slides) == spots.n_obs
+    assert sd.tables["table"].n_obs == spots.n_obs

@@ -119,6 +119,15 @@ def _image_width_px(path: str | Path) -> int:
         return im.width
 
 
+def _slide_width_um(spots: ad.AnnData, slide: str, um_per_px: float) -> float:
+    """Width (µm) of a slide: its image's, or for a slide without an image (synthetic or precomputed data) the
+    extent of its spot centres."""
+    path = spots.uns["slides"][slide]["image_path"]
+    if path:
+        return _image_width_px(path) * um_per_px
+    return float(spots.obs.loc[spots.obs["slide"].astype(str) == slide, "px_x"].max()) * um_per_px
+
+
 def _layout(spots: ad.AnnData, patch_um: float | None):
     """Slides in order, their µm/px and x offsets in ``global`` (µm), the shapes elements and the table."""
     from spatialdata.models import ShapesModel, TableModel
@@ -129,7 +138,7 @@ def _layout(spots: ad.AnnData, patch_um: float | None):
     slide_of = spots.obs["slide"].astype(str).to_numpy()
     slides = list(pd.unique(slide_of))
     ums = [float(spots.uns["slides"][s]["um_per_px"]) for s in slides]
-    widths = np.array([_image_width_px(spots.uns["slides"][s]["image_path"]) * um for s, um in zip(slides, ums)])
+    widths = np.array([_slide_width_um(spots, s, um) for s, um in zip(slides, ums)])
     offsets = np.concatenate([[0.0], np.cumsum(widths + 0.1 * widths.max())[:-1]])
     shapes = {}
     element = np.empty(spots.n_obs, dtype=object)
@@ -189,7 +198,7 @@ def build_sdata(spots: ad.AnnData, image_um_per_px: float | None = DEFAULT_IMAGE
 
     plan, shapes, table = _layout(spots, patch_um)
     images = {f"he_{s}": slide_image_element(spots.uns["slides"][s]["image_path"], s, um, off, image_um_per_px)
-              for s, um, off in plan}
+              for s, um, off in plan if spots.uns["slides"][s]["image_path"]}
     return SpatialData(images=images, shapes=shapes, tables={TABLE_NAME: table})
 
 
@@ -212,12 +221,14 @@ def write_sdata(spots: ad.AnnData, path: str | Path, image_um_per_px: float | No
         sdata = SpatialData(shapes=shapes, tables={TABLE_NAME: table})
         sdata.write(path)
         for s, um, off in plan:
+            if not spots.uns["slides"][s]["image_path"]:  # no H&E (synthetic or precomputed data): shapes only
+                continue
             name = f"he_{s}"
             sdata.images[name] = slide_image_element(spots.uns["slides"][s]["image_path"], s, um, off,
                                                      image_um_per_px)
             sdata.write_element(name)
             del sdata.images[name]
         sdata.write_consolidated_metadata()
-    log.info("wrote %s: %d images, %d shapes elements, table of %d spots", path, len(plan), len(shapes),
-             table.n_obs)
+    n_images = sum(bool(spots.uns["slides"][s]["image_path"]) for s, _, _ in plan)
+    log.info("wrote %s: %d images, %d shapes elements, table of %d spots", path, n_images, len(shapes), table.n_obs)
     return path

@@ -272,6 +272,7 @@ def simulate(params: Mapping | None) -> ad.AnnData:
     a.obsm["product"] = product[:, None].astype(np.float64)
     a.uns["slides"] = {sl: {"image_path": "", "um_per_px": 1.0} for sl in obs["slide"].cat.categories}
     a.uns["generator"] = json.dumps(p)
+    a.uns["spot_diameter_um"] = 0.5 * float(p["spacing_um"])  # drawn as circles in sdata.zarr
     log.info("synthetic: %d spots on %d slides (%d donors); latents K_s=%d, K_g=%d, K_i=%d; GEX %d-d, IMG %d-d",
              n, n_slides, n_donors, ks, kg, ki, d_gex, d_img)
     return a

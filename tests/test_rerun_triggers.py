@@ -34,6 +34,9 @@ def done(tmp_path_factory):
     assert len(rows) > 50
     for row in rows:
         f = wd / row[0]
+        if f.suffix == ".zarr":  # directory() outputs
+            f.mkdir(parents=True, exist_ok=True)
+            continue
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"")
     r = snakemake(wd, "all", "--touch", "--forceall", "--cores", "1", configfile=SMALL)

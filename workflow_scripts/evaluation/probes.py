@@ -45,7 +45,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
-from sklearn.metrics import f1_score, make_scorer, r2_score
+from sklearn.metrics import f1_score, r2_score
 from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
 
@@ -365,7 +365,7 @@ def fit_logreg_cv_fold(
         inner = StratifiedKFold(max(k, 2), shuffle=True, random_state=int(random_state))
     clf = LogisticRegressionCV(
         Cs=[float(c) for c in Cs], l1_ratios=(0.0,), cv=inner, solver=logreg_solver(r, len(seen)),
-        scoring=make_scorer(f1_score, average="macro", zero_division=0.0), max_iter=int(max_iter), refit=True,
+        scoring=_inner_macro_f1, max_iter=int(max_iter), refit=True,
         use_legacy_attributes=False,
     )
     clf.fit(Xtr, y_train)
@@ -373,6 +373,11 @@ def fit_logreg_cv_fold(
     return dict(value=value, C=float(clf.C_), n_train=int(len(y_train)), n_test=int(len(y_test)),
                 n_classes=len(classes), n_classes_test=len(in_test), n_classes_unseen=len(unseen),
                 dim=int(X_train.shape[1]), rank=int(r))
+
+
+def _inner_macro_f1(estimator, X: np.ndarray, y: np.ndarray) -> float:
+    """Scorer of the inner split: macro-F1 over the classes present in it (0 for an empty class)."""
+    return float(f1_score(y, estimator.predict(X), average="macro", zero_division=0.0))
 
 
 def logreg_solver(rank: int, n_classes: int, max_hessian: int = NEWTON_MAX_HESSIAN) -> str:
@@ -452,6 +457,12 @@ def run_probes(
         e.index = e.index.astype(str)
         e = drop_invalid_rows(e, f"{what}" + ("" if k is None else f" (outer {k})"), log)
         mats[k] = (pd.Index(e.index), e.to_numpy(dtype=np.float64))
+    fold_spots = pd.Index(folds["spot_id"].astype(str).unique())
+    for k, (index, _) in mats.items():
+        n_out = int((~index.isin(fold_spots)).sum())
+        if n_out:
+            log.info("%s%s: %d of %d embedding rows are not among the fold table's spots (unlabelled or not in the "
+                     "dataset) and are not probed", what, "" if k is None else f" (outer {k})", n_out, len(index))
     Cs = probe_params.get("logreg_Cs") or DEFAULT_CS
     inner = int(probe_params.get("inner_folds", DEFAULT_INNER_FOLDS))
     max_iter = int(probe_params.get("logreg_max_iter", 2000))

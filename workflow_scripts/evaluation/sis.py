@@ -218,7 +218,7 @@ def sis_table(
                             sis_ratio(cboot, 0, refs), level)
             if notes_m:
                 r["note"] = "; ".join(notes_m)
-                log.warning("%s %s %s %s %s: %s", dataset, protocol, m, task, metric, r["note"])
+                log.warning("%s %s %s %s %s: SIS not computed (%s)", dataset, protocol, m, task, metric, r["note"])
             rows.append(r)
     out = pd.DataFrame(rows).reindex(columns=SIS_COLUMNS)
     for c in [c for c in SIS_COLUMNS if c.endswith("_excludes_0")]:

@@ -19,13 +19,13 @@ rule align:
         gpu=method_gpu,
         mem_mb=8000,
         runtime=120,
+        device=config["training"]["device"],  # not a param: the device does not change what is trained
     params:
         train=lambda wc: json.dumps(training_params(wc.method)),
-        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params {params.train:q} --out {output.z3} --model {output.model}"
-        " --history {output.history} --views {output.views} --device {params.device} --threads {threads}"
+        " --history {output.history} --views {output.views} --device {resources.device} --threads {threads}"
         " --log {log}"
 
 
@@ -46,3 +46,21 @@ rule random_baseline:
         "python -m workflow_scripts.methods.align --method random --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params '{{}}' --out {output.z3} --model {output.model}"
         " --history {output.history} --device cpu --threads 1 --no-progress --log {log}"
+
+
+rule import_fused:
+    """Check a fused embedding given as a file (config datasets.<d>.fused) and store it as an embedding table."""
+    input:
+        src=lambda wc: fused_source(wc.dataset, wc.fused, wc.seed),
+        spots="results/{dataset}/spots.h5ad",
+    output:
+        "results/{dataset}/imported/{fused}/seed{seed}.parquet",
+    log:
+        "logs/{dataset}/import_{fused}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        key=lambda wc: fused_files(wc.dataset)[wc.fused].get("key") or "X",
+    shell:
+        "python -m workflow_scripts.methods.imported --input {input.src} --key {params.key} --spots {input.spots}"
+        " --name {wildcards.fused} --out {output} --log {log}"

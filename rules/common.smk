@@ -1,40 +1,88 @@
 # Config loading, schema validation, wildcard constraints and the helpers that build paths and targets.
 import json
+import os
 
 from snakemake.utils import min_version, validate
 
+from workflow_scripts.configuration import (
+    check_config,
+    coerce_config,
+    load_schema,
+    METHOD_TRAINING_KEYS,
+    TRAINING_KEYS,
+    reader_params as _reader_params,
+    reader_schemas,
+    unknown_dataset_error,
+)
 from workflow_scripts.data import input_files as _dataset_input_files
-from workflow_scripts.encoders import encoder_needs_gpu
+from workflow_scripts.encoders import encoder_modalities, encoder_needs_gpu
 from workflow_scripts.evaluation.folds import config_donors, n_outer_folds
 
 min_version("9.19")  # profiles are read from profile.yaml since 9.19
 
 
+# Every config mistake fails here, before the first job, naming its key (workflow_scripts/configuration.py):
+# --config values typed as the schema asks (seeds=[0] arrives as ["0"]), the schema (types, ranges, defaults),
+# then the checks a schema cannot express (reader keys, HER2ST sections, encoders, method parameters).
+READER_SCHEMAS = reader_schemas(workflow.basedir)
+config.update(
+    coerce_config(
+        config,
+        load_schema(os.path.join(workflow.basedir, "config/config.schema.yaml")),
+        READER_SCHEMAS,
+    )
+)
 validate(config, schema="../config/config.schema.yaml")
+check_config(config, repo=workflow.basedir, encoders=encoder_modalities())
 
 DATASETS = list(config.get("run_datasets") or config["datasets"])
-_unknown = [d for d in DATASETS if d not in config["datasets"]]
-if _unknown:
-    raise ValueError(f"config key run_datasets names datasets {_unknown} that are not under `datasets:`")
 METHODS = list(config["methods"])
 BASELINES = list(config["baselines"])
-EMBEDDINGS = METHODS + BASELINES
+# positive controls (tensor_fusion): computed by the align rule like concat, scored beside the methods
+POSITIVE_CONTROLS = list(config.get("positive_controls") or [])
+EMBEDDINGS = METHODS + POSITIVE_CONTROLS + BASELINES
 SEEDS = [int(s) for s in config["seeds"]]
 MODALITIES = ["gex", "img"]
 PROTOCOLS = list(config["protocols"])
-# fused methods whose interface is trained once per outer fold under the inductive protocol; concat has no fitted
-# parameter (a per-feature affine input scaling would not change its standardised probe), so it is reused as is
-INDUCTIVE_METHODS = [m for m in METHODS if m != "concat"]
+# fused embeddings whose interface is fit once per outer fold under the inductive protocol; concat has no fitted
+# parameter (a per-feature affine input scaling would not change its standardised probe), so it is reused as is;
+# fused files (datasets.<d>.fused) are used as given in both protocols
+INDUCTIVE_METHODS = [m for m in METHODS + POSITIVE_CONTROLS if m != "concat"]
 # every name the wildcards may take (the schema's enums; workflow_scripts.methods.METHODS, not imported to keep
 # parsing free of torch)
 ALL_METHODS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
 ALL_BASELINES = ["unimodal_gex", "unimodal_img", "random"]
+ALL_CONTROLS = ["tensor_fusion"]  # workflow_scripts.methods.CONTROLS
 
 
+def fused_files(dataset):
+    """Fused embeddings given as files (config datasets.<d>.fused): {name: {"path": ..., "key": ...}}."""
+    out = {}
+    if dataset not in config["datasets"]:
+        raise unknown_dataset_error(dataset, config["datasets"])
+    for name, v in (config["datasets"][dataset].get("fused") or {}).items():
+        out[name] = dict(v) if isinstance(v, dict) else {"path": str(v)}
+        if not out[name].get("path"):
+            raise ValueError(
+                f"config datasets.{dataset}.fused.{name}: give a file path (or {{path: FILE, key: KEY}})"
+            )
+        if name in ALL_METHODS + ALL_BASELINES + ALL_CONTROLS:
+            raise ValueError(
+                f"config datasets.{dataset}.fused.{name}: the name is taken by a method, baseline or control; rename it"
+            )
+    return out
+
+
+FUSED_NAMES = sorted({n for d in config["datasets"] for n in fused_files(d)})
+
+
+# `dataset` takes any name, so that a target naming an unknown dataset (results/sis/foo.tsv) reaches ds_cfg, whose
+# error lists the known datasets, instead of a bare MissingRuleException.
 wildcard_constraints:
-    dataset="|".join(config["datasets"]),
-    method="|".join(ALL_METHODS),
-    embedding="|".join(ALL_METHODS + ALL_BASELINES),
+    dataset=r"[A-Za-z0-9_]+",
+    method="|".join(ALL_METHODS + ALL_CONTROLS),
+    embedding="|".join(ALL_METHODS + ALL_CONTROLS + ALL_BASELINES + FUSED_NAMES),
+    fused=r"[A-Za-z0-9_]+",
     modality="gex|img",
     encoder=r"[A-Za-z0-9_]+",
     seed=r"\d+",
@@ -43,7 +91,9 @@ wildcard_constraints:
 
 
 def ds_cfg(dataset):
-    """The dataset's config entry with defaults applied."""
+    """The dataset's config entry with defaults applied; ConfigError listing the known datasets if there is none."""
+    if dataset not in config["datasets"]:
+        raise unknown_dataset_error(dataset, config["datasets"])
     d = dict(config["datasets"][dataset])
     d.setdefault("patch_um", 200)
     d.setdefault("min_class_size", 10)
@@ -62,12 +112,39 @@ def embedding_file(dataset, modality):
 
 
 def embedding_path(dataset, embedding, seed):
-    """Path of the table that the probes read for ``embedding`` (a method or a baseline)."""
+    """Path of the table that the probes read for ``embedding`` (a method, control, baseline or fused file)."""
     if embedding == "unimodal_gex":
         return embedding_file(dataset, "gex")
     if embedding == "unimodal_img":
         return embedding_file(dataset, "img")
+    if embedding in fused_files(dataset):
+        return f"results/{dataset}/imported/{embedding}/seed{seed}.parquet"
     return f"results/{dataset}/aligned/{embedding}/seed{seed}.parquet"
+
+
+def embeddings_of(dataset):
+    """Every embedding scored for ``dataset``: methods, positive controls, fused files, baselines."""
+    return METHODS + POSITIVE_CONTROLS + list(fused_files(dataset)) + BASELINES
+
+
+def fused_source(dataset, name, seed):
+    """The user's file of fused embedding ``name`` (``{seed}`` in its path is replaced by the seed)."""
+    spec = fused_files(dataset).get(name)
+    if spec is None:
+        raise ValueError(
+            f"dataset {dataset} has no fused embedding {name!r} (config datasets.{dataset}.fused)"
+        )
+    return spec["path"].replace("{seed}", str(seed))
+
+
+def encoder_inputs(wildcards):
+    """Files an encoder reads besides the spots (the precomputed encoder's embedding file), for the DAG."""
+    if wildcards.encoder != "precomputed":
+        return []
+    from workflow_scripts.encoders.precomputed import input_path
+
+    path = input_path(encoder_params("precomputed", wildcards.dataset), wildcards.modality)
+    return [path] if path else []
 
 
 def encoder_params(encoder, dataset):
@@ -81,19 +158,34 @@ def encoder_params(encoder, dataset):
     return p
 
 
+def prepare_params(dataset):
+    """The `prepare` rule's parameters: only the keys the dataset's reader reads (config/readers/<reader>.schema.yaml),
+    so that evaluation and embedding settings do not rebuild the spots."""
+    d = ds_cfg(dataset)
+    return _reader_params(d, READER_SCHEMAS[d["reader"]])
+
+
+def patch_option(wildcards):
+    """`--patch-um` for image encoders only: the patch size changes the image embedding, never the GEX one."""
+    if wildcards.modality != "img":
+        return ""
+    return f"--patch-um {ds_cfg(wildcards.dataset)['patch_um']}"
+
+
 def encoder_gpu(wildcards):
     return 1 if encoder_needs_gpu(wildcards.encoder) else 0
 
 
 def training_params(method):
     """The `training` block merged with `training.method_params.<method>` (as passed to fit_method)."""
-    t = {k: v for k, v in config["training"].items() if k not in ("method_params", "device", "threads")}
+    used = METHOD_TRAINING_KEYS.get(method, TRAINING_KEYS)  # cca and concat ignore most training keys
+    t = {k: v for k, v in config["training"].items() if k in used}
     t.update((config["training"].get("method_params") or {}).get(method) or {})
     return t
 
 
 def method_gpu(wildcards):
-    return 0 if wildcards.method in ("cca", "concat") else 1
+    return 0 if wildcards.method in ("cca", "concat", "tensor_fusion") else 1
 
 
 def tasks_json(dataset):
@@ -109,7 +201,7 @@ def probe_tables(wildcards):
         "results/{dataset}/probes/{protocol}/{embedding}/seed{seed}.tsv",
         dataset=wildcards.dataset,
         protocol=PROTOCOLS,
-        embedding=EMBEDDINGS,
+        embedding=embeddings_of(wildcards.dataset),
         seed=SEEDS,
     )
 
@@ -140,15 +232,20 @@ def probe_embeddings(wildcards):
     return [embedding_path(wildcards.dataset, wildcards.embedding, wildcards.seed)]
 
 
+def has_controls(embedding):
+    """Every fused embedding (a method, a positive control, a fused file) is probed with its controls."""
+    return embedding not in ALL_BASELINES and bool(config["probe"]["controls"])
+
+
 def control_inputs(wildcards):
-    """The unimodal tables a fused method's probe job re-encodes into its dimension-matched controls."""
-    if wildcards.embedding in METHODS and config["probe"]["controls"]:
+    """The unimodal tables a fused embedding's probe job re-encodes into its dimension-matched controls."""
+    if has_controls(wildcards.embedding):
         return {m: embedding_file(wildcards.dataset, m) for m in MODALITIES}
     return {}
 
 
 def control_args(wildcards, input):
-    if wildcards.embedding in METHODS and config["probe"]["controls"]:
+    if has_controls(wildcards.embedding):
         kinds = " ".join(config["probe"]["controls"])
         return f"--controls {kinds} --controls-gex {input.gex} --controls-img {input.img}"
     return ""
@@ -157,6 +254,12 @@ def control_args(wildcards, input):
 def probe_params():
     """The probe settings a probe job depends on (the controls list is passed on its own)."""
     return json.dumps({k: v for k, v in config["probe"].items() if k != "controls"})
+
+
+def sis_methods(dataset):
+    """Embeddings the SIS table scores: the fused ones, and random as a floor."""
+    fused = METHODS + POSITIVE_CONTROLS + list(fused_files(dataset))
+    return json.dumps(fused + [b for b in BASELINES if b == "random"])
 
 
 def folds_meta_files(wildcards):
@@ -172,13 +275,13 @@ def spatial_tables(wildcards):
     return expand(
         "results/{dataset}/spatial/{embedding}/seed{seed}.tsv",
         dataset=wildcards.dataset,
-        embedding=EMBEDDINGS,
+        embedding=embeddings_of(wildcards.dataset),
         seed=SEEDS,
     )
 
 
 def prepare_inputs(wildcards):
-    return _dataset_input_files(ds_cfg(wildcards.dataset))
+    return _dataset_input_files(ds_cfg(wildcards.dataset), wildcards.dataset)
 
 
 def final_targets():
@@ -199,4 +302,5 @@ def final_targets():
         out += analysis_targets(
             d
         )  # rules/analysis_common.smk: spectral, spatial consistency, curves, UMAPs, scaling
+        out += pid_targets(d)  # rules/pid_common.smk: PID table and figure (+ planted PID, validation)
     return out

@@ -22,7 +22,7 @@ rule sis:
     conda:
         "../envs/cellsynergy.yaml"
     params:
-        methods=json.dumps(METHODS + [b for b in BASELINES if b == "random"]),
+        methods=lambda wc: sis_methods(wc.dataset),
         bootstrap=json.dumps(config["bootstrap"]),
     shell:
         "python -m workflow_scripts.evaluation.sis --probes {input.probes} --methods {params.methods:q}"

@@ -24,7 +24,7 @@ rule umap_coords:
 rule figure_umap:
     input:
         coords=lambda wc: expand(
-            "results/{dataset}/umap/{embedding}.tsv", dataset=wc.dataset, embedding=EMBEDDINGS
+            "results/{dataset}/umap/{embedding}.tsv", dataset=wc.dataset, embedding=embeddings_of(wc.dataset)
         ),
         spots="results/{dataset}/spots.h5ad",
     output:

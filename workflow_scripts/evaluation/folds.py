@@ -485,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import anndata as ad
 
     from .probes import check_task_spec, task_targets
+    from .tasks import check_tasks
 
     tasks = json_arg(args.tasks, "--tasks")
     params = json_arg(args.params, "--params")
@@ -495,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     adata = ad.read_h5ad(spots, backed="r")
     log.info("folds: %s, protocol %s, seed %d, %d spots, tasks %s", spots, args.protocol, args.seed, adata.n_obs,
              list(tasks))
+    check_tasks(adata, tasks, source=str(spots))  # a task whose label/obsm is absent fails here, before any probe
     task_spots, classes = {}, {}
     for task, spec in tasks.items():
         check_task_spec(task, spec)

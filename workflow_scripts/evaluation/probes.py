@@ -1,4 +1,4 @@
-"""Linear probes on a spot embedding, scored on shared folds (reference, docs/reference.md#probes).
+"""Linear probes on a spot embedding, scored on shared folds (docs/reference.md#probes).
 
 For every task of a dataset (``config: datasets.<d>.tasks``) the embedding of each spot is the feature vector
 of a linear probe, fit on the training part of each fold of the task and scored on its test part. The folds, the
@@ -14,7 +14,7 @@ task's spots and its class set come from the fold table of the dataset, protocol
   it encodes (docs/evaluation.md#probes).
 * **regression** (``type: regression, obsm: <obsm key>``): ``StandardScaler`` → ``RidgeCV(alphas,
   scoring="r2")`` (efficient leave-one-out choice of one alpha for all outputs on the training part) → R² on the
-  test part, uniform average over the outputs (reference, docs/reference.md#probes).
+  test part, uniform average over the outputs (as in the reference, docs/reference.md#probes).
 
 Before the logistic fits the standardised training part is replaced by its coordinates in its own row space
 (:func:`reduce_rank`): an L2-penalised linear model's weights lie in that space, so the fitted probe and its
@@ -50,6 +50,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, Stratifi
 from sklearn.preprocessing import StandardScaler
 
 from ..io import drop_invalid_rows, json_arg, read_embedding, setup_logging
+from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ PROBE_COLUMNS = [
     "n_classes", "n_classes_test", "n_classes_unseen", "C", "alpha", "dim", "rank", "outer", "scheme", "unit",
     "split_hash",
 ]
-MIN_TRAIN = 10  # reference, docs/reference.md#probes: ≥10 training rows per fold
-MIN_TEST = 5    # reference, docs/reference.md#probes: ≥5 test rows per fold
+MIN_TRAIN = 10  # ≥10 training rows per fold, as in the reference (docs/reference.md#probes)
+MIN_TEST = 5    # ≥5 test rows per fold, as in the reference (docs/reference.md#probes)
 TASK_TYPES = ("classification", "regression")
-DEFAULT_ALPHAS = list(np.logspace(-3, 3, 10))  # reference, docs/reference.md#probes: RidgeCV(alphas=np.logspace(-3, 3, 10))
+DEFAULT_ALPHAS = list(np.logspace(-3, 3, 10))  # the reference's RidgeCV alphas (docs/reference.md#probes)
 DEFAULT_CS = list(np.logspace(-4, 2, 7))
 DEFAULT_INNER_FOLDS = 3
 NEWTON_MAX_HESSIAN = 800  # Newton–Cholesky up to an 800 × 800 Hessian (see logreg_solver)
@@ -148,7 +149,7 @@ def clean_regression_targets(values: np.ndarray, ids: Sequence[str], what: str =
 def task_targets(
     adata: ad.AnnData, task: str, spec: Mapping, min_class_size: int = 10
 ) -> pd.Series | pd.DataFrame | None:
-    """Targets of one task for the spots of ``adata`` (reference, docs/reference.md#probes, docs/reference.md#flaw-13).
+    """Targets of one task for the spots of ``adata`` (docs/reference.md#probes, docs/reference.md#flaw-13).
 
     Classification → ``pd.Series`` of string labels (``obs[spec['label']]`` cleaned by
     :func:`clean_labels`); regression → ``DataFrame`` (spots × outputs) from ``obsm[spec['obsm']]`` cleaned by
@@ -188,7 +189,7 @@ def cv_splits(
     """Fold index pairs ``(train_idx, test_idx)`` over ``n`` rows, for callers that split one table themselves
     (the probes of this module read shared fold tables instead, :mod:`workflow_scripts.evaluation.folds`).
 
-    ``probe_params['cv']``: ``kfold`` → ``KFold(n_folds, shuffle=True, random_state=seed)`` (reference, docs/reference.md#probes);
+    ``probe_params['cv']``: ``kfold`` → ``KFold(n_folds, shuffle=True, random_state=seed)`` (docs/reference.md#probes);
     ``group_slide`` → ``GroupKFold`` over ``groups`` (slide per row); with fewer slides than folds
     ``n_folds`` becomes the number of slides (logged); with one slide no split is possible (warning, []).
     Raises ValueError for an unknown ``cv`` or ``n_folds`` < 2.
@@ -231,7 +232,7 @@ def fit_classifier_fold(
     ``X_*``: (n, d) features; ``y_*``: (n,) labels. Rows whose class is absent from the other part are
     dropped (counted in the log). Returns ``{value, n_train, n_test, n_classes, n_dropped_test}`` or None
     (logged) when < 2 common classes, < ``min_train`` (10) training or < ``min_test`` (5) test rows remain.
-    Source: reference, docs/reference.md#probes.
+    Source: the reference's ``evaluate_simple`` (docs/reference.md#probes).
     """
     common = np.intersect1d(np.unique(y_train), np.unique(y_test))
     tr = np.isin(y_train, common)
@@ -262,7 +263,7 @@ def fit_regressor_fold(
     """Scaled RidgeCV probe on one split; R² on the test part, uniform average over outputs.
 
     ``X_*``: (n, d); ``y_*``: (n, k). Alpha chosen by efficient leave-one-out on the training part
-    (``RidgeCV(alphas, scoring="r2")``, one alpha for all outputs; reference, docs/reference.md#probes).
+    (``RidgeCV(alphas, scoring="r2")``, one alpha for all outputs; docs/reference.md#probes).
     Returns ``{value, n_train, n_test, alpha}`` or None (logged) with < ``min_train`` (10) train or
     < ``min_test`` (5) test rows.
     """
@@ -641,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tables = [read_embedding(e) for e in args.embedding]
     emb = tables[0] if len(tables) == 1 else dict(enumerate(tables))
     adata = read_spots(args.spots, backed=True)
+    check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
     parts = [(args.name, run_probes(emb, adata, tasks, params, args.seed, args.min_class_size, folds, meta,
                                     what=args.name))]
     if args.controls:

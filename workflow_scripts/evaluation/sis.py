@@ -69,7 +69,7 @@ SCHEME_NOTES = {
 
 
 def sis(fused: float, gex: float, img: float) -> float:
-    """SIS = (fused − max(gex, img)) / max(gex, img) (reference, docs/reference.md#sis; scores are mean probe scores).
+    """SIS = (fused − max(gex, img)) / max(gex, img) (docs/reference.md#sis; scores are mean probe scores).
 
     Raises ValueError when ``max(gex, img) <= 0`` (ratio undefined) or a score is not finite.
     """

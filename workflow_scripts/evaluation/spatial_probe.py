@@ -1,8 +1,9 @@
 """Spatial neighbour-ring probes: predict the neighbourhood's label from a spot's own embedding.
 
-Reference docs/reference.md#spatial-rings ("neighbour-label prediction"), with the fix of docs/reference.md#flaw-14: rings are fixed distances in µm
-per dataset (``config: datasets.<d>.spatial.ring_edges_um``), and neighbours are searched within each slide
-only (a KD-tree per slide, ``scipy.spatial.cKDTree``; no all-pairs distance matrix).
+The reference's "neighbour-label prediction" (docs/reference.md#spatial-rings), with the fix of
+docs/reference.md#flaw-14: rings are fixed distances in µm per dataset (``config: datasets.<d>.spatial.ring_edges_um``),
+and neighbours are searched within each slide only (a KD-tree per slide, ``scipy.spatial.cKDTree``; no all-pairs
+distance matrix).
 
 For ring b with edges ``e_b < e_{b+1}`` (µm) the neighbours of spot i are the spots j ≠ i of the same
 slide with ``e_b < d(i, j) ≤ e_{b+1}``, where d is the Euclidean distance of the spot centres
@@ -50,6 +51,7 @@ from .probes import (
     read_spots,
     task_targets,
 )
+from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _coords(adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
 def ring_pairs(
     adata: ad.AnnData, edges_um: Sequence[float], centre_ids: Sequence[str] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Neighbour pairs per distance ring, within slides (reference, docs/reference.md#spatial-rings with the docs/reference.md#flaw-14 fix).
+    """Neighbour pairs per distance ring, within slides (docs/reference.md#spatial-rings, with the fix of docs/reference.md#flaw-14).
 
     Parameters
     ----------
@@ -202,7 +204,7 @@ def run_spatial_probe(
     seed: int,
     min_class_size: int = 10,
 ) -> pd.DataFrame:
-    """Neighbour-ring probes for every task (reference, docs/reference.md#spatial-rings, fixed µm rings per slide, docs/reference.md#flaw-14).
+    """Neighbour-ring probes for every task (docs/reference.md#spatial-rings; fixed µm rings per slide, docs/reference.md#flaw-14).
 
     Parameters
     ----------
@@ -294,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              args.dataset, args.name, args.seed, list(tasks), edges)
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
+    check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
     df = run_spatial_probe(emb, adata, tasks, edges, params, sparams, args.seed, args.min_class_size)
     write_result_table(df, args.out, args.dataset, args.name, args.seed)
 

@@ -61,14 +61,17 @@ BLOCKS_PER_FOLD = 3  # automatic block size: about this many blocks per fold
 # donors known from the config (planning time: no data read beyond a small table)
 # ----------------------------------------------------------------------------------------------------
 def config_donors(params: Mapping) -> list[str]:
-    """Donors of a dataset as its config implies them, before any data is read (sorted).
+    """Donors of a dataset as its config implies them, before the spots are prepared (sorted).
 
     ``reader: her2st``: the ``patient`` of each configured section in ``<resource_dir>/sections.tsv`` (patients
-    A–H; the first letter of the section id when the table is absent). Other readers: the dataset's samples
-    (``samples``, or ``splits`` of ``build_splits``) mapped through ``donors`` ({sample: donor}, default: the
-    sample is its own donor), as the Xenium and Visium readers set ``obs['donor']`` (docs/datasets.md).
+    A–H; the first letter of the section id when the table is absent). ``synthetic``: ``D1 … D<n_donors>``
+    (``generator.n_donors``). ``precomputed``: the distinct values of the spots file's donor column (else its slide
+    column), as the reader sets them. Xenium / Visium: the dataset's samples (``samples``, or ``splits`` of
+    ``build_splits``) mapped through ``donors`` ({sample: donor}; default: each sample is its own donor).
+    Raises ValueError when the precomputed spots file is missing or lacks the column.
     """
-    if params.get("reader") == "her2st":
+    reader = params.get("reader")
+    if reader == "her2st":
         table = Path(params.get("resource_dir") or "resources/her2st") / "sections.tsv"
         patient: dict[str, str] = {}
         if table.exists():
@@ -76,10 +79,38 @@ def config_donors(params: Mapping) -> list[str]:
             patient = dict(zip(t["section"], t["patient"]))
         sections = params.get("sections") or list(patient)
         return sorted({patient.get(str(s), str(s)[:1]) for s in sections})
+    if reader == "synthetic":
+        from ..data.synthetic import GENERATOR_DEFAULTS
+
+        n = int({**GENERATOR_DEFAULTS, **(params.get("generator") or {})}["n_donors"])
+        return [f"D{k + 1}" for k in range(n)]
+    if reader == "precomputed":
+        return _precomputed_donors(params)
     from ..data.download import dataset_samples
 
     donors = params.get("donors") or {}
     return sorted({str(donors.get(s, s)) for s in dataset_samples(params)})
+
+
+def _precomputed_donors(params: Mapping) -> list[str]:
+    path = Path(str(params.get("spots_file", "")))
+    if not path.is_file():
+        raise ValueError(f"the inductive protocol needs the donors of datasets.<d>.spots_file when the workflow is "
+                         f"planned, but {path} does not exist (or set protocols: [transductive])")
+    cols = {**{"donor": "donor", "slide": "slide"}, **(params.get("columns") or {})}
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        import anndata as ad
+
+        obs = ad.read_h5ad(path, backed="r").obs
+    elif suffix == ".parquet":
+        obs = pd.read_parquet(path)
+    else:
+        obs = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
+    for key in ("donor", "slide"):
+        if cols[key] in obs.columns:
+            return sorted(obs[cols[key]].astype(str).unique())
+    raise ValueError(f"{path}: neither a donor column {cols['donor']!r} nor a slide column {cols['slide']!r}")
 
 
 def n_outer_folds(n_donors: int, n_folds: int) -> int:
@@ -283,13 +314,15 @@ def make_folds(
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if cv not in ("kfold", "group_slide"):
         raise ValueError(f"probe.cv must be 'kfold' or 'group_slide', got {cv!r} (fix config probe.cv)")
-    for c in ("slide", "donor", "x_um", "y_um"):
+    need = ("slide", "donor", "x_um", "y_um") if protocol == "inductive" else ("slide",) if cv == "group_slide" else ()
+    for c in need:
         if c not in obs.columns:
             raise ValueError(f"spots obs lacks column {c!r} (see workflow_scripts/data/model.py)")
     obs = obs.copy()
     obs.index = obs.index.astype(str)
-    obs["slide"] = obs["slide"].astype(str)
-    obs["donor"] = obs["donor"].astype(str)
+    for c in ("slide", "donor"):
+        if c in obs.columns:
+            obs[c] = obs[c].astype(str)
     buffer_um = float(patch_um if buffer_um is None else buffer_um)
     if buffer_um < patch_um and protocol == "inductive":
         log.warning("inductive.buffer_um %.1f µm is below one patch (%.1f µm)", buffer_um, patch_um)

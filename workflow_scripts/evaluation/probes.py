@@ -442,7 +442,7 @@ def run_probes(
     for t, spec in tasks.items():
         check_task_spec(t, spec)
     if folds is None:
-        obs = adata.obs[["slide", "donor", "x_um", "y_um"]]
+        obs = adata.obs[[c for c in ("slide", "donor", "x_um", "y_um") if c in adata.obs.columns]]
         spots = {}
         for t, spec in tasks.items():
             y = task_targets(adata, t, spec, min_class_size)

@@ -90,7 +90,8 @@ def test_seeds_methods_and_reader_keys_from_the_command_line(tmp_path):
     """`--config` hands nested values over as strings (seeds=[0] -> ["0"]); they are typed by the schemas."""
     c = dry(tmp_path, "all", extra=("--config", "seeds=[0]", "methods=[cca,comm]",
                                      "datasets={her2st: {max_spots_per_slide: 40}}"))
-    assert c["align"] == 2 and c["probe"] == 5 and c["random_baseline"] == 1 and c["prepare"] == 1
+    assert c["align"] == 2 and c["probe"] == 5 * 2 and c["random_baseline"] == 1 and c["prepare"] == 1
+    assert c["align_inductive"] == 2 * 3  # cca and comm on each of the donors A, B, C held out
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ include: "rules/weights.smk"
 include: "rules/prepare.smk"
 include: "rules/embed.smk"
 include: "rules/align.smk"
+include: "rules/protocols.smk"
 include: "rules/probe.smk"
 include: "rules/sis.smk"
 include: "rules/figures.smk"
@@ -36,7 +37,9 @@ localrules:
     sis,
     figure_probe_scores,
     figure_sis_heatmap,
+    figure_protocols,
     figure_spatial_rings,
+    folds,
 
 
 rule all:

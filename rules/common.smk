@@ -16,6 +16,7 @@ from workflow_scripts.configuration import (
 )
 from workflow_scripts.data import input_files as _dataset_input_files
 from workflow_scripts.encoders import encoder_modalities, encoder_needs_gpu
+from workflow_scripts.evaluation.folds import config_donors, n_outer_folds
 
 min_version("9.19")  # profiles are read from profile.yaml since 9.19
 
@@ -42,6 +43,11 @@ POSITIVE_CONTROLS = list(config.get("positive_controls") or [])
 EMBEDDINGS = METHODS + POSITIVE_CONTROLS + BASELINES
 SEEDS = [int(s) for s in config["seeds"]]
 MODALITIES = ["gex", "img"]
+PROTOCOLS = list(config["protocols"])
+# fused embeddings whose interface is fit once per outer fold under the inductive protocol; concat has no fitted
+# parameter (a per-feature affine input scaling would not change its standardised probe), so it is reused as is;
+# fused files (datasets.<d>.fused) are used as given in both protocols
+INDUCTIVE_METHODS = [m for m in METHODS + POSITIVE_CONTROLS if m != "concat"]
 # every name the wildcards may take (the schema's enums; workflow_scripts.methods.METHODS, not imported to keep
 # parsing free of torch)
 ALL_METHODS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
@@ -80,6 +86,8 @@ wildcard_constraints:
     modality="gex|img",
     encoder=r"[A-Za-z0-9_]+",
     seed=r"\d+",
+    protocol="transductive|inductive",
+    outer=r"\d+",
 
 
 def ds_cfg(dataset):
@@ -190,9 +198,75 @@ def spatial_cfg(dataset):
 
 def probe_tables(wildcards):
     return expand(
-        "results/{dataset}/probes/{embedding}/seed{seed}.tsv",
+        "results/{dataset}/probes/{protocol}/{embedding}/seed{seed}.tsv",
         dataset=wildcards.dataset,
+        protocol=PROTOCOLS,
         embedding=embeddings_of(wildcards.dataset),
+        seed=SEEDS,
+    )
+
+
+_N_OUTER = {}
+
+
+def n_outer(dataset):
+    """Outer folds of the inductive protocol, known when the DAG is planned: min(probe.n_folds, donors) from the
+    config's sections / samples / donors (workflow_scripts/evaluation/folds.py; checked again by the folds job).
+    """
+    if dataset not in _N_OUTER:
+        donors = config_donors(ds_cfg(dataset))
+        _N_OUTER[dataset] = n_outer_folds(len(donors), int(config["probe"]["n_folds"]))
+    return _N_OUTER[dataset]
+
+
+def probe_embeddings(wildcards):
+    """Embedding table(s) a probe job reads: one per outer fold for an inductively trained method."""
+    if wildcards.protocol == "inductive" and wildcards.embedding in INDUCTIVE_METHODS:
+        return expand(
+            "results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.parquet",
+            dataset=wildcards.dataset,
+            method=wildcards.embedding,
+            seed=wildcards.seed,
+            outer=range(n_outer(wildcards.dataset)),
+        )
+    return [embedding_path(wildcards.dataset, wildcards.embedding, wildcards.seed)]
+
+
+def has_controls(embedding):
+    """Every fused embedding (a method, a positive control, a fused file) is probed with its controls."""
+    return embedding not in ALL_BASELINES and bool(config["probe"]["controls"])
+
+
+def control_inputs(wildcards):
+    """The unimodal tables a fused embedding's probe job re-encodes into its dimension-matched controls."""
+    if has_controls(wildcards.embedding):
+        return {m: embedding_file(wildcards.dataset, m) for m in MODALITIES}
+    return {}
+
+
+def control_args(wildcards, input):
+    if has_controls(wildcards.embedding):
+        kinds = " ".join(config["probe"]["controls"])
+        return f"--controls {kinds} --controls-gex {input.gex} --controls-img {input.img}"
+    return ""
+
+
+def probe_params():
+    """The probe settings a probe job depends on (the controls list is passed on its own)."""
+    return json.dumps({k: v for k, v in config["probe"].items() if k != "controls"})
+
+
+def sis_methods(dataset):
+    """Embeddings the SIS table scores: the fused ones, and random as a floor."""
+    fused = METHODS + POSITIVE_CONTROLS + list(fused_files(dataset))
+    return json.dumps(fused + [b for b in BASELINES if b == "random"])
+
+
+def folds_meta_files(wildcards):
+    return expand(
+        "results/{dataset}/folds/{protocol}/seed{seed}.json",
+        dataset=wildcards.dataset,
+        protocol=PROTOCOLS,
         seed=SEEDS,
     )
 
@@ -220,6 +294,8 @@ def final_targets():
             f"results/tables/{d}/probes_summary.tsv",
             f"results/figures/{d}/probe_scores.png",
             f"results/figures/{d}/sis_heatmap.png",
+            f"results/tables/{d}/protocols.tsv",
+            f"results/figures/{d}/protocols.png",
         ]
         if spatial_cfg(d).get("ring_edges_um"):
             out += [f"results/tables/{d}/spatial_summary.tsv", f"results/figures/{d}/spatial_rings.png"]

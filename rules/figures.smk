@@ -3,7 +3,7 @@
 
 rule figure_probe_scores:
     input:
-        "results/tables/{dataset}/probes.tsv",
+        "results/tables/{dataset}/probes_summary.tsv",
     output:
         report(
             "results/figures/{dataset}/probe_scores.png",
@@ -35,6 +35,24 @@ rule figure_sis_heatmap:
         "../envs/cellsynergy.yaml"
     shell:
         "python -m workflow_scripts.figures.evaluation sis_heatmap --sis {input} --out {output} --log {log}"
+
+
+rule figure_protocols:
+    input:
+        "results/tables/{dataset}/protocols.tsv",
+    output:
+        report(
+            "results/figures/{dataset}/protocols.png",
+            caption="../report/protocols_figure.rst",
+            category="{dataset}",
+            subcategory="Figures",
+        ),
+    log:
+        "logs/{dataset}/figure_protocols.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    shell:
+        "python -m workflow_scripts.figures.evaluation protocols --protocols {input} --out {output} --log {log}"
 
 
 rule figure_spatial_rings:

@@ -1,12 +1,16 @@
 rule probe:
-    """5-fold CV linear probes: macro-F1 (logistic regression) and R² (ridge) per task."""
+    """Linear probes on the shared folds: macro-F1 (logistic regression, C tuned by inner CV) and R² (ridge) per
+    task; a fused method's job also probes its dimension-matched controls (control_<kind>@<method>)."""
     input:
-        emb=lambda wc: embedding_path(wc.dataset, wc.embedding, wc.seed),
+        unpack(control_inputs),
+        emb=probe_embeddings,
         spots="results/{dataset}/spots.h5ad",
+        folds="results/{dataset}/folds/{protocol}/seed{seed}.tsv",
+        folds_meta="results/{dataset}/folds/{protocol}/seed{seed}.json",
     output:
-        "results/{dataset}/probes/{embedding}/seed{seed}.tsv",
+        "results/{dataset}/probes/{protocol}/{embedding}/seed{seed}.tsv",
     log:
-        "logs/{dataset}/probe_{embedding}_seed{seed}.log",
+        "logs/{dataset}/probe_{protocol}_{embedding}_seed{seed}.log",
     conda:
         "../envs/cellsynergy.yaml"
     resources:
@@ -14,12 +18,12 @@ rule probe:
         runtime=60,
     params:
         tasks=lambda wc: tasks_json(wc.dataset),
-        probe=json.dumps(config["probe"]),
-        min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
+        probe=probe_params(),
+        controls=control_args,
     shell:
         "python -m workflow_scripts.evaluation.probes --embedding {input.emb} --spots {input.spots}"
         " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
-        " --tasks {params.tasks:q} --params {params.probe:q} --min-class-size {params.min_class}"
+        " --tasks {params.tasks:q} --params {params.probe:q} --folds {input.folds} {params.controls}"
         " --out {output} --log {log}"
 
 
@@ -53,7 +57,8 @@ rule spatial_probe:
 
 
 rule collect_probes:
-    """All probe folds of every embedding and seed in one long table, plus its mean/sd summary."""
+    """All probe folds of every protocol, embedding and seed in one long table, plus its summary (mean, sd and the
+    bootstrap interval of the mean)."""
     input:
         probe_tables,
     output:
@@ -68,9 +73,12 @@ rule collect_probes:
         "logs/{dataset}/collect_probes.log",
     conda:
         "../envs/cellsynergy.yaml"
+    params:
+        bootstrap=json.dumps(config["bootstrap"]),
     shell:
         "python -m workflow_scripts.evaluation.tables collect --inputs {input} --out {output.table} --log {log}"
-        " && python -m workflow_scripts.evaluation.tables summarise --input {output.table} --out {output.summary} --log {log}.summary"
+        " && python -m workflow_scripts.evaluation.tables summarise --input {output.table} --out {output.summary}"
+        " --bootstrap {params.bootstrap:q} --log {log}.summary"
 
 
 rule collect_spatial:

@@ -1,11 +1,19 @@
 rule sis:
-    """Synergistic Information Score per fused method × task × metric (mean over seeds and folds first)."""
+    """SIS per protocol × fused method × task × metric (means over seeds and folds first), gains against the best
+    unimodal embedding and the best control, paired-bootstrap intervals; and the protocols side by side."""
     input:
-        "results/tables/{dataset}/probes.tsv",
+        probes="results/tables/{dataset}/probes.tsv",
+        folds_meta=folds_meta_files,
     output:
-        report(
+        sis=report(
             "results/sis/{dataset}.tsv",
             caption="../report/sis.rst",
+            category="{dataset}",
+            subcategory="Tables",
+        ),
+        protocols=report(
+            "results/tables/{dataset}/protocols.tsv",
+            caption="../report/protocols.rst",
             category="{dataset}",
             subcategory="Tables",
         ),
@@ -14,6 +22,9 @@ rule sis:
     conda:
         "../envs/cellsynergy.yaml"
     params:
-        methods=json.dumps(METHODS + [b for b in BASELINES if b == "random"]),
+        methods=lambda wc: sis_methods(wc.dataset),
+        bootstrap=json.dumps(config["bootstrap"]),
     shell:
-        "python -m workflow_scripts.evaluation.sis --probes {input} --methods {params.methods:q} --out {output} --log {log}"
+        "python -m workflow_scripts.evaluation.sis --probes {input.probes} --methods {params.methods:q}"
+        " --bootstrap {params.bootstrap:q} --folds-meta {input.folds_meta} --out {output.sis}"
+        " --protocols-out {output.protocols} --log {log}"

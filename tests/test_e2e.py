@@ -21,9 +21,18 @@ def run(tmp_path_factory):
 
 
 def test_sis_table_has_every_method_task_metric(run):
+    from workflow_scripts.evaluation.sis import SIS_COLUMNS
+
     cfg = yaml.safe_load(open(REPO / "config/config.yaml"))
     sis = pd.read_csv(run / "results/sis/her2st.tsv", sep="\t")
+    assert list(sis.columns) == SIS_COLUMNS
+    assert set(sis["protocol"]) == {"transductive", "inductive"}
     assert set(cfg["methods"]) <= set(sis["method"])
+    fused = sis[sis.method != "random"]
+    assert fused["best_control"].dropna().str.match(r"control_(gex|img|concat)@").all()
+    assert (fused["best_control"].dropna().str.split("@").str[1] == fused.loc[fused.best_control.notna(), "method"]).all()
+    ok = fused["gain_lo"].notna()
+    assert (fused.loc[ok, "gain_lo"] <= fused.loc[ok, "gain_hi"]).all()
     assert {"cluster", "dominant_celltype", "composition", "pathology"} <= set(sis["task"])
     assert set(sis.loc[sis.task == "composition", "metric"]) == {"r2"}
     assert set(sis.loc[sis.task == "cluster", "metric"]) == {"macro_f1"}
@@ -35,9 +44,39 @@ def test_sis_table_has_every_method_task_metric(run):
 
 def test_probe_tables_have_five_folds(run):
     p = pd.read_csv(run / "results/tables/her2st/probes.tsv", sep="\t")
-    f = p[(p.embedding == "unimodal_gex") & (p.task == "cluster")]
+    f = p[(p.embedding == "unimodal_gex") & (p.task == "cluster") & (p.protocol == "transductive")]
     assert sorted(f["fold"].unique()) == [0, 1, 2, 3, 4]
-    assert f["value"].between(0, 1).all()
+    assert f["value"].between(0, 1).all() and f["C"].notna().all()
+    # inductive: one fold per donor (A, C) for the tasks labelled on both donors
+    g = p[(p.embedding == "unimodal_gex") & (p.task == "composition") & (p.protocol == "inductive")]
+    assert sorted(g["unit"].unique()) == ["g:A", "g:C"]
+
+
+def test_every_probe_of_a_seed_and_protocol_used_identical_folds(run):
+    p = pd.read_csv(run / "results/tables/her2st/probes.tsv", sep="\t")
+    assert {"control_gex@comm", "control_img@comm", "control_concat@comm"} <= set(p["embedding"])
+    n = p.groupby(["protocol", "seed", "task", "fold"])["split_hash"].nunique()
+    assert (n == 1).all(), n[n > 1]
+
+
+def test_inductive_interfaces_never_saw_a_held_out_donor(run):
+    import anndata as ad
+
+    from workflow_scripts.evaluation.folds import INTERFACE_TASK, read_folds
+
+    obs = ad.read_h5ad(run / "results/her2st/spots.h5ad", backed="r").obs
+    table, meta = read_folds(run / "results/her2st/folds/inductive/seed0.tsv")
+    assert meta["n_outer"] == 2 and meta["donors"] == ["A", "C"]
+    iface = table[table.task == INTERFACE_TASK]
+    for k in range(2):
+        views = np.load(run / f"results/her2st/aligned_inductive/cca/seed0/outer{k}.views.npz")
+        fit_ids = views["spot_id"][views["fit_mask"]]
+        held = set(iface.loc[iface.fold == k, "spot_id"])
+        assert len(fit_ids) > 0 and not set(fit_ids) & held
+        assert set(obs.loc[list(fit_ids), "donor"]) == {"AC"[1 - k]}
+    prot = pd.read_csv(run / "results/tables/her2st/protocols.tsv", sep="\t")
+    note = prot[(prot.task == "pathology") & (prot.protocol == "inductive")]["protocol_note"]
+    assert note.str.contains("donor A only").all()
 
 
 def test_embeddings_and_fused_tables(run):
@@ -56,7 +95,7 @@ def test_embeddings_and_fused_tables(run):
 def test_every_rule_wrote_its_log_and_figures_exist(run):
     for f in ("prepare.log", "embed_gex_pca.log", "embed_img_morphology.log", "align_comm_seed0.log", "sis.log"):
         assert (run / "logs/her2st" / f).stat().st_size > 0, f
-    for f in ("probe_scores.png", "sis_heatmap.png", "spatial_rings.png"):
+    for f in ("probe_scores.png", "sis_heatmap.png", "spatial_rings.png", "protocols.png"):
         assert (run / "results/figures/her2st" / f).read_bytes()[:4] == b"\x89PNG"
     assert (run / "results/her2st/qc/patches.png").exists()
 

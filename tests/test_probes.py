@@ -123,8 +123,8 @@ def test_excluded_and_rare_classes_are_dropped_and_logged(caplog):
         res = run_probes(embedding_frame(X, a.obs_names), a,
                          {"t": {"type": "classification", "label": "label", "exclude": ["unknown"]}},
                          PARAMS, seed=0, min_class_size=10)
-    assert (res["n_train"] + res["n_test"] + res["n_dropped_test"]).eq(100).all()
-    assert res["n_classes"].eq(2).all()
+    assert (res["n_train"] + res["n_test"]).eq(100).all()
+    assert res["n_classes"].eq(2).all() and res["n_classes_unseen"].eq(0).all()
     assert "dropped 6 of 140 spots with no label" in caplog.text
     assert "dropped excluded class 'unknown' (30 spots)" in caplog.text
     assert "dropped rare class 'tiny' (4 spots < min_class_size 10)" in caplog.text
@@ -153,7 +153,7 @@ def test_partial_label_task_uses_labelled_subset_and_absent_column_is_skipped(ca
     with caplog.at_level(logging.INFO):
         res = run_probes(embedding_frame(X, a.obs_names), a, tasks, PARAMS, seed=0)
     assert set(res["task"]) == {"pathology"}
-    assert (res["n_train"] + res["n_test"] + res["n_dropped_test"]).eq(50).all()
+    assert (res["n_train"] + res["n_test"]).eq(50).all()
     assert "obs has no column 'not_a_column'; task skipped" in caplog.text
     # a single remaining class: skipped
     assert task_targets(a, "one", {"type": "classification", "label": "label", "exclude": ["a"]}) is None
@@ -185,7 +185,7 @@ def test_group_slide_never_splits_a_slide(caplog):
     a = toy_adata(y, n_slides=3)
     res = run_probes(embedding_frame(rng.normal(size=(n, 3)), a.obs_names), a,
                      {"t": {"type": "classification", "label": "label"}}, {**PARAMS, "cv": "group_slide"}, seed=0)
-    assert len(res) == 3 and (res["n_test"] + res["n_dropped_test"]).eq(80).all()
+    assert len(res) == 3 and res["n_test"].eq(80).all() and (res["scheme"] == "group_slide").all()
     # one slide only: no folds
     assert cv_splits(50, np.repeat("S0", 50), {"cv": "group_slide"}, 0) == []
 
@@ -220,7 +220,8 @@ def test_embedding_matching_drops_nan_and_unknown_rows(caplog):
         res = run_probes(emb, a, {"t": {"type": "classification", "label": "label"}}, PARAMS, seed=0)
     assert (res["n_train"] + res["n_test"]).eq(99).all()
     assert "dropped 1 of 102 rows with NaN/inf" in caplog.text
-    assert "2 embedding rows not in the AnnData, 1 AnnData spots without embedding" in caplog.text
+    assert "2 of 101 embedding rows are not among the fold table's spots" in caplog.text
+    assert "1 of 100 spots have no (finite) embedding row and are left out" in caplog.text
 
 
 def test_cli_writes_long_table(tmp_path):
@@ -243,3 +244,160 @@ def test_cli_writes_long_table(tmp_path):
     assert (df["seed"] == 2).all() and (df["embedding"] == "emb1").all()
     assert df.loc[df.task == "t", "value"].mean() > 0.9
     assert (tmp_path / "p.log").read_text().count("fold") >= 10
+
+
+# ---------------------------------------------------------------------------------------- tuned probes, shared folds
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from workflow_scripts.evaluation.probes import (  # noqa: E402
+    control_embeddings,
+    fit_logreg_cv_fold,
+    macro_f1,
+    reduce_rank,
+    split_hash,
+)
+
+
+def test_macro_f1_over_the_fixed_class_set_hand_computation():
+    y = np.array(["a", "a", "b", "b"])
+    p = np.array(["a", "b", "b", "c"])
+    # a: 2·1/(2+0+1) = 2/3; b: 2·1/(2+1+1) = 1/2; c (predicted, absent): 0; d (neither): left out
+    assert macro_f1(y, p, ["a", "b", "c", "d"]) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert macro_f1(y, y, ["a", "b", "c"]) == pytest.approx(1.0)
+
+
+def test_reduce_rank_leaves_the_logistic_probe_unchanged():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(150, 4))
+    X = Z @ rng.normal(size=(4, 30))  # a 30-d re-encoding of rank 4
+    y = (Z[:, 0] + 0.5 * Z[:, 1] > 0).astype(int)
+    sc = StandardScaler().fit(X[:100])
+    Xtr, Xte = sc.transform(X[:100]), sc.transform(X[100:])
+    Rtr, Rte, r = reduce_rank(Xtr, Xte)
+    assert r == 4 and Rtr.shape == (100, 4) and Rte.shape == (50, 4)
+    full = LogisticRegression(C=0.3, tol=1e-10, max_iter=10000).fit(Xtr, y[:100])
+    red = LogisticRegression(C=0.3, tol=1e-10, max_iter=10000).fit(Rtr, y[:100])
+    np.testing.assert_allclose(full.decision_function(Xte), red.decision_function(Rte), atol=1e-5)
+
+
+def test_tuned_probe_records_C_and_scores_unseen_classes_as_errors():
+    rng = np.random.default_rng(1)
+    n = 120
+    y = np.repeat(["a", "b", "c"], n // 3)
+    X = rng.normal(size=(n, 5)) + np.where(y == "a", 3.0, 0.0)[:, None] * np.eye(5)[0]
+    tr = y != "c"  # class c never in the training part
+    res = fit_logreg_cv_fold(X[tr], y[tr], X[~tr | (np.arange(n) % 4 == 0)], y[~tr | (np.arange(n) % 4 == 0)],
+                             ["a", "b", "c"], Cs=[0.01, 1.0], inner_folds=3, random_state=0)
+    assert res["C"] in (0.01, 1.0) and res["n_classes"] == 3 and res["n_classes_unseen"] == 1
+    assert res["n_classes_test"] == 3 and res["rank"] == 5 and res["dim"] == 5
+    # one C in the grid: the probe is a plain standardised logistic regression at that C
+    one = fit_logreg_cv_fold(X[:90], y[:90], X[90:], y[90:], ["a", "b", "c"], Cs=[0.5], inner_folds=2)
+    sc = StandardScaler().fit(X[:90])
+    ref = LogisticRegression(C=0.5, max_iter=2000).fit(sc.transform(X[:90]), y[:90]).predict(sc.transform(X[90:]))
+    assert one["C"] == 0.5 and one["value"] == pytest.approx(macro_f1(y[90:], ref, ["a", "b", "c"]))
+    assert fit_logreg_cv_fold(X[:5], y[:5], X[5:], y[5:], ["a"], Cs=[1.0]) is None  # < 10 training rows
+
+
+def _write_case(tmp_path, n=90, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(["a", "b", "c"], n // 3)
+    comp = rng.dirichlet(np.ones(3), size=n)
+    a = toy_adata(y, comp=comp)
+    a.write_h5ad(tmp_path / "spots.h5ad")
+    sig = np.eye(6)[np.searchsorted(["a", "b", "c"], y)][:, :6]
+    gex = rng.normal(size=(n, 6)) + 1.5 * sig
+    img = rng.normal(size=(n, 4)) * [1.0, 10.0, 0.01, 100.0]
+    fused = np.hstack([gex, img]) @ rng.normal(size=(10, 16))
+    for name, x in (("gex", gex), ("img", img), ("fused", fused)):
+        write_embedding(embedding_frame(x, a.obs_names), tmp_path / f"{name}.parquet")
+    return a, y
+
+
+def test_every_probe_of_a_dataset_seed_and_protocol_uses_identical_folds(tmp_path):
+    from workflow_scripts.evaluation import folds as F
+
+    a, _ = _write_case(tmp_path)
+    tasks = {"t": {"type": "classification", "label": "label"}, "comp": {"type": "regression", "obsm": "composition"}}
+    params = {**PARAMS, "logreg_Cs": [0.1, 1.0], "inner_folds": 2}
+    F.main(["make", "--spots", str(tmp_path / "spots.h5ad"), "--protocol", "transductive", "--seed", "1",
+            "--tasks", json.dumps(tasks), "--params", json.dumps(params), "--out", str(tmp_path / "folds.tsv")])
+    outs = []
+    for name, extra in (("unimodal_gex", []), ("unimodal_img", []),
+                        ("fused", ["--controls", "gex", "img", "concat", "--controls-gex", str(tmp_path / "gex.parquet"),
+                                   "--controls-img", str(tmp_path / "img.parquet")])):
+        emb = {"unimodal_gex": "gex", "unimodal_img": "img"}.get(name, name)
+        out = tmp_path / f"{name}.tsv"
+        main(["--embedding", str(tmp_path / f"{emb}.parquet"), "--spots", str(tmp_path / "spots.h5ad"),
+              "--dataset", "toy", "--name", name, "--seed", "1", "--tasks", json.dumps(tasks),
+              "--params", json.dumps(params), "--folds", str(tmp_path / "folds.tsv"), *extra, "--out", str(out),
+              "--log", str(tmp_path / f"{name}.log")])
+        outs.append(pd.read_csv(out, sep="\t"))
+    df = pd.concat(outs, ignore_index=True)
+    assert set(df["embedding"]) == {"unimodal_gex", "unimodal_img", "fused", "control_gex@fused",
+                                    "control_img@fused", "control_concat@fused"}
+    assert (df["dim"][df.embedding.str.startswith("control")] == 16).all()
+    per_split = df.groupby(["task", "fold"])["split_hash"].nunique()
+    assert (per_split == 1).all() and len(per_split) == 10
+    table, _ = F.read_folds(tmp_path / "folds.tsv")
+    for (task, fold), h in df.groupby(["task", "fold"])["split_hash"].first().items():
+        tr, te, _ = F.split_ids(table[table.task == task], fold)
+        assert h == split_hash(tr, te)
+
+
+def test_probe_uses_the_embedding_of_each_folds_outer_interface():
+    """Inductive: fold k is scored with the embedding of interface k (informative for outer 1, noise for 0)."""
+    from workflow_scripts.evaluation import folds as F
+
+    rng = np.random.default_rng(2)
+    n = 160
+    y = np.tile(np.repeat(["a", "b"], 20), 4)
+    a = toy_adata(y, n_slides=2)  # slides S0, S1 = donors S0, S1
+    obs = a.obs[["slide", "donor", "x_um", "y_um"]]
+    table, meta = F.make_folds(obs, {"t": a.obs_names}, "inductive", 5, 0, n_outer=2)
+    good = rng.normal(size=(n, 3)) + np.where(y == "a", 4.0, 0.0)[:, None]
+    noise = rng.normal(size=(n, 3))
+    embs = {0: embedding_frame(noise, a.obs_names), 1: embedding_frame(good, a.obs_names)}
+    res = run_probes(embs, a, {"t": {"type": "classification", "label": "label"}},
+                     {**PARAMS, "logreg_Cs": [1.0], "inner_folds": 2}, 0, folds=table, meta=meta)
+    r = res.set_index("fold")
+    assert r.loc[1, "outer"] == 1 and r.loc[1, "value"] > 0.9 and r.loc[0, "value"] < 0.75
+    assert set(res["protocol"]) == {"inductive"} and set(res["unit"]) == {"g:S0", "g:S1"}
+    with pytest.raises(ValueError, match="no embedding was given"):
+        run_probes({0: embs[0]}, a, {"t": {"type": "classification", "label": "label"}}, PARAMS, 0, folds=table,
+                   meta=meta)
+
+
+def _reencoding_gain(Cs):
+    from workflow_scripts.evaluation.sis import sis_table
+
+    rng = np.random.default_rng(7)
+    n = 300
+    y = rng.choice(["a", "b", "c"], size=n)
+    gex = 0.4 * rng.normal(size=(3, 8))[np.searchsorted(["a", "b", "c"], y)] + rng.normal(size=(n, 8))
+    img = rng.normal(size=(n, 5))
+    a = toy_adata(y)
+    g, i = embedding_frame(gex, a.obs_names), embedding_frame(img, a.obs_names)
+    tasks = {"t": {"type": "classification", "label": "label"}}
+    params = {**PARAMS, "logreg_Cs": Cs, "inner_folds": 3}
+    rows = []
+    for seed in (0, 1, 2):
+        ctrl = control_embeddings(g, i, 128, seed, ["gex"], {None: None})["gex"][None]
+        for name, e in (("unimodal_gex", g), ("unimodal_img", i), ("control_gex@x", ctrl)):
+            df = run_probes(e, a, tasks, params, seed)
+            df.insert(0, "embedding", name)
+            df.insert(0, "seed", seed)
+            df.insert(0, "dataset", "toy")
+            rows.append(df)
+    return sis_table(pd.concat(rows, ignore_index=True), ["control_gex@x"], n_boot=2000).iloc[0]
+
+
+def test_random_reencoding_of_one_modality_gives_a_gain_whose_interval_contains_0():
+    """A random linear re-encoding of GEX (8 → 128 dimensions) carries the same information as GEX: with C tuned on
+    each fold's training part its gain over the best unimodal embedding has a 95 % interval (3 seeds × 5 folds)
+    containing 0. At a fixed C = 0.01 the same probe credits the re-encoding with a gain whose interval excludes 0."""
+    r = _reencoding_gain(list(np.logspace(-3, 1, 5)))
+    assert r["best_unimodal"] == "gex"
+    assert r["gain_lo"] <= 0 <= r["gain_hi"] and r["gain_excludes_0"] is False and abs(r["gain"]) < 0.02
+    fixed = _reencoding_gain([0.01])
+    assert fixed["gain_excludes_0"] is True and fixed["gain_lo"] > 0.01

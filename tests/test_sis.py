@@ -109,3 +109,82 @@ def test_cli(tmp_path):
     assert list(t.columns) == SIS_COLUMNS and len(t) == 4
     assert set(t["method"]) == {"comm", "cca"}
     assert (t["sis"] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------- gains, controls, intervals
+def paired_rows(values: dict, units=None, protocol="transductive", task="t", metric="macro_f1", seeds=(0,)):
+    """Probe rows with explicit per-fold values per embedding (the same cells for every embedding)."""
+    rows = []
+    for emb, vals in values.items():
+        for s in seeds:
+            for f, v in enumerate(vals):
+                rows.append(dict(dataset="toy", embedding=emb, seed=s, protocol=protocol, task=task, metric=metric,
+                                 fold=f, value=v, unit=(units[f] if units else f"s{s}:f{f}")))
+    return rows
+
+
+def test_gain_sis_and_best_control_hand_computation():
+    vals = {
+        "unimodal_gex": [0.60, 0.62, 0.58, 0.61, 0.59],   # mean 0.60
+        "unimodal_img": [0.40, 0.41, 0.39, 0.40, 0.40],   # mean 0.40
+        "m": [0.70, 0.71, 0.69, 0.70, 0.70],              # mean 0.70
+        "control_gex@m": [0.66, 0.67, 0.65, 0.66, 0.66],  # mean 0.66 (best control)
+        "control_img@m": [0.45, 0.45, 0.45, 0.45, 0.45],
+        "control_concat@m": [0.64, 0.64, 0.64, 0.64, 0.64],
+    }
+    t = sis_table(pd.DataFrame(paired_rows(vals)), ["m"], n_boot=500)
+    assert list(t.columns) == SIS_COLUMNS and len(t) == 1
+    r = t.iloc[0]
+    assert r["gain"] == pytest.approx(0.10) and r["sis"] == pytest.approx(0.10 / 0.60)
+    assert r["best_control"] == "control_gex@m" and r["best_control_mean"] == pytest.approx(0.66)
+    assert r["gain_ctrl"] == pytest.approx(0.04) and r["sis_ctrl"] == pytest.approx(0.04 / 0.66)
+    # every fold is +0.10 over GEX (± 0.01): the paired interval is tight around the gain and excludes 0
+    assert 0.09 <= r["gain_lo"] <= 0.10 <= r["gain_hi"] <= 0.11
+    assert r["gain_excludes_0"] is True and r["sis_excludes_0"] is True and r["gain_ctrl_excludes_0"] is True
+    assert r["mean_lo"] <= 0.70 <= r["mean_hi"] and r["n_units"] == 5
+    assert r["sis_lo"] == pytest.approx(r["gain_lo"] / 0.60, abs=0.01)
+
+
+def test_unpaired_noise_gives_an_interval_containing_zero_and_results_are_deterministic():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0.6, 0.05, 15)
+    vals = {"unimodal_gex": base, "unimodal_img": base - 0.2, "m": base + rng.normal(0, 0.02, 15)}
+    df = pd.DataFrame(paired_rows(vals))
+    t = sis_table(df, ["m"], n_boot=1000, seed=5)
+    r = t.iloc[0]
+    assert r["gain_lo"] < 0 < r["gain_hi"] and r["gain_excludes_0"] is False
+    assert r["best_control"] == "" and np.isnan(r["gain_ctrl"])  # no controls probed
+    pd.testing.assert_frame_equal(t, sis_table(df, ["m"], n_boot=1000, seed=5))
+    assert not t.equals(sis_table(df, ["m"], n_boot=1000, seed=6))
+
+
+def test_grouped_units_resample_whole_donors():
+    """Three donors × three seeds: nine cells but only three units, so the interval is wider than if the nine
+    cells were independent."""
+    rng = np.random.default_rng(0)
+    donor_effect = np.repeat([0.05, -0.04, 0.0], 3)
+    vals = {"unimodal_gex": 0.5 + rng.normal(0, 0.005, 9), "unimodal_img": np.full(9, 0.3),
+            "m": 0.52 + donor_effect + rng.normal(0, 0.005, 9)}
+    grouped = sis_table(pd.DataFrame(paired_rows(vals, units=[f"g:{d}" for d in "AAABBBCCC"])), ["m"]).iloc[0]
+    cells = sis_table(pd.DataFrame(paired_rows(vals)), ["m"]).iloc[0]
+    assert grouped["n_units"] == 3 and cells["n_units"] == 9
+    assert grouped["gain_hi"] - grouped["gain_lo"] > cells["gain_hi"] - cells["gain_lo"]
+
+
+def test_protocols_table_side_by_side():
+    from workflow_scripts.evaluation.sis import PROTOCOL_COLUMNS, protocols_table
+
+    vals = {"unimodal_gex": [0.6] * 5, "unimodal_img": [0.4] * 5, "m": [0.7, 0.71, 0.69, 0.7, 0.7]}
+    rows = paired_rows(vals) + paired_rows({k: [v - 0.05 for v in x] for k, x in vals.items()}, protocol="inductive")
+    probes = pd.DataFrame(rows)
+    t = sis_table(probes, ["m"], n_boot=300)
+    assert set(t["protocol"]) == {"transductive", "inductive"}
+    p = protocols_table(t, probes, n_boot=300)
+    assert list(p.columns) == PROTOCOL_COLUMNS
+    assert p["method"].tolist() == ["m", "m", "unimodal_gex", "unimodal_gex", "unimodal_img", "unimodal_img"]
+    assert p["protocol"].tolist()[:2] == ["transductive", "inductive"]
+    m = p[p.method == "m"].set_index("protocol")
+    assert m.loc["transductive", "score"] == pytest.approx(0.70) and m.loc["inductive", "score"] == pytest.approx(0.65)
+    assert m.loc["inductive", "gain"] == pytest.approx(0.10)
+    g = p[p.method == "unimodal_gex"].set_index("protocol")
+    assert g.loc["inductive", "score"] == pytest.approx(0.55) and np.isnan(g.loc["inductive", "gain"])

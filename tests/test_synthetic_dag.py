@@ -24,7 +24,9 @@ def test_synthetic_config_builds_the_whole_dag(tmp_path):
     n_seeds = len(cfg["seeds"])
     assert c["prepare"] == 1 and c["embed"] == 2
     assert c["align"] == 11 * n_seeds  # the ten methods + tensor_fusion
-    assert c["probe"] == (10 + 1 + 3) * n_seeds
+    # one probe job per protocol (transductive, inductive) × embedding × seed
+    assert c["probe"] == (10 + 1 + 3) * n_seeds * 2
+    assert c["align_inductive"] == (9 + 1) * n_seeds * 2  # trained methods + tensor_fusion × 2 donors
     for rule in ("pid", "pid_truth", "figure_pid", "validation", "sis", "collect_probes", "figure_spectral"):
         assert c[rule] == 1, rule
 
@@ -70,7 +72,7 @@ def test_bring_your_own_dag_lists_the_files_and_scores_the_fused_embedding(tmp_p
     cfg = byo_files(tmp_path)
     c = dry(wd, "results/tables/mine/probes.tsv", "results/pid/mine.tsv", configfile=cfg)
     assert c["import_fused"] == 1 and c["embed"] == 2 and c["align"] == 2  # concat + tensor_fusion
-    assert c["probe"] == 1 + 1 + 1 + 3  # concat, tensor_fusion, my_fusion, three baselines
+    assert c["probe"] == (1 + 1 + 1 + 3) * 2  # concat, tensor_fusion, my_fusion, three baselines; two protocols
     # a missing embedding file is named before any job runs
     (tmp_path / "img.parquet").unlink()
     r = snakemake(wd, "results/tables/mine/probes.tsv", "-n", configfile=cfg)
@@ -85,7 +87,8 @@ def test_bring_your_own_runs_end_to_end(tmp_path):
                "results/figures/mine/pid.png", "results/mine/qc/patches.png"]
     r = snakemake(wd, *targets, "--cores", "2", "--show-failed-logs", configfile=cfg)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
-    probes = pd.read_csv(wd / "results/tables/mine/probes_summary.tsv", sep="\t").set_index("embedding")
+    probes = pd.read_csv(wd / "results/tables/mine/probes_summary.tsv", sep="\t")
+    probes = probes[probes.protocol == "transductive"].set_index("embedding")
     assert {"my_fusion", "tensor_fusion", "concat", "unimodal_gex"} <= set(probes.index)
     assert probes.loc["my_fusion", "mean"] > 0.7  # the planted label signal is in the fused file
     pid = pd.read_csv(wd / "results/pid/mine.tsv", sep="\t")

@@ -20,13 +20,21 @@ def test_all_default_config_has_every_stage(tmp_path):
     cfg = yaml.safe_load(open(REPO / "config/config.yaml"))
     n_seeds, n_methods = len(cfg["seeds"]), len(cfg["methods"])
     n_emb = (n_methods + len(cfg["baselines"])) * n_seeds
+    n_protocols = len(cfg["protocols"])
+    assert cfg["protocols"] == ["transductive", "inductive"]
     assert c["prepare"] == 1
     assert c["embed"] == 2  # one GEX and one IMG encoder
     assert c["align"] == n_methods * n_seeds
     assert c["random_baseline"] == n_seeds
-    assert c["probe"] == n_emb
+    # one fold table per protocol and seed, shared by every probe
+    assert c["folds"] == n_protocols * n_seeds
+    # inductive: every trained method (not concat) once per seed and outer fold; HER2ST default = donors A, B, C
+    assert c["align_inductive"] == (n_methods - 1) * n_seeds * 3
+    # one probe job per protocol × embedding × seed (a fused method's job also probes its controls)
+    assert c["probe"] == n_emb * n_protocols
     assert c["spatial_probe"] == n_emb
-    for rule in ("collect_probes", "sis", "figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings"):
+    for rule in ("collect_probes", "sis", "figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings",
+                 "figure_protocols"):
         assert c[rule] == 1, rule
 
 
@@ -34,44 +42,64 @@ def test_single_sis_target_builds_only_what_it_needs(tmp_path):
     c = dry(tmp_path, "results/sis/her2st.tsv")
     assert "spatial_probe" not in c and "collect_spatial" not in c
     assert not any(k.startswith("figure") for k in c)
-    assert c["sis"] == 1 and c["collect_probes"] == 1 and c["align"] == 30
+    assert c["sis"] == 1 and c["collect_probes"] == 1 and c["align"] == 30 and c["align_inductive"] == 81
 
 
 def test_small_config_dag(tmp_path):
     c = dry(tmp_path, "all", configfile=SMALL)
-    assert c["align"] == 10 and c["probe"] == 13 and c["embed"] == 2
+    # sections A1 and C2: two donors, two outer folds
+    assert c["align"] == 10 and c["probe"] == 26 and c["embed"] == 2
+    assert c["align_inductive"] == 9 * 2 and c["folds"] == 2
 
 
 def test_one_method_one_seed_via_config_override(tmp_path):
     c = dry(tmp_path, "results/sis/her2st.tsv", configfile=SMALL, extra=("--config", "methods=[cca]", "baselines=[unimodal_gex,unimodal_img]"))
-    assert c["align"] == 1 and c["probe"] == 3 and "random_baseline" not in c
+    assert c["align"] == 1 and c["probe"] == 6 and "random_baseline" not in c and c["align_inductive"] == 2
+
+
+def test_transductive_only_plans_no_inductive_job(tmp_path):
+    c = dry(tmp_path, "all", configfile=SMALL, extra=("--config", "protocols=[transductive]"))
+    assert "align_inductive" not in c and c["folds"] == 1 and c["probe"] == 13
+
+
+def test_outer_folds_follow_the_configured_donors(tmp_path):
+    """Sections of one patient (A1 only): a single donor, so spatial blocks give probe.n_folds outer folds."""
+    c = dry(tmp_path, "results/sis/her2st.tsv", configfile=SMALL,
+            extra=("--config", "methods=[cca]", "baselines=[unimodal_gex,unimodal_img]",
+                   "datasets={'her2st': {'sections': ['A1']}}"))
+    assert c["align_inductive"] == 5
 
 
 def test_figures_rebuild_from_tables_only(tmp_path):
     """With the summary tables present, the figure target needs no upstream job."""
     wd = workdir(tmp_path)
-    for rel in ("results/tables/her2st/probes.tsv", "results/sis/her2st.tsv", "results/tables/her2st/spatial.tsv"):
+    for rel in ("results/tables/her2st/probes_summary.tsv", "results/sis/her2st.tsv",
+                "results/tables/her2st/spatial.tsv", "results/tables/her2st/protocols.tsv"):
         p = wd / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x\n")
     r = snakemake(wd, "results/figures/her2st/probe_scores.png", "results/figures/her2st/sis_heatmap.png",
-                  "results/figures/her2st/spatial_rings.png", "-n", "--quiet", "rules")
+                  "results/figures/her2st/spatial_rings.png", "results/figures/her2st/protocols.png", "-n",
+                  "--quiet", "rules")
     assert r.returncode == 0, r.stderr
     c = job_counts(r.stdout)
-    assert set(c) == {"figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings"}
+    assert set(c) == {"figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings", "figure_protocols"}
 
 
 def test_seeds_methods_and_reader_keys_from_the_command_line(tmp_path):
     """`--config` hands nested values over as strings (seeds=[0] -> ["0"]); they are typed by the schemas."""
     c = dry(tmp_path, "all", extra=("--config", "seeds=[0]", "methods=[cca,comm]",
                                      "datasets={her2st: {max_spots_per_slide: 40}}"))
-    assert c["align"] == 2 and c["probe"] == 5 and c["random_baseline"] == 1 and c["prepare"] == 1
+    assert c["align"] == 2 and c["probe"] == 5 * 2 and c["random_baseline"] == 1 and c["prepare"] == 1
+    assert c["align_inductive"] == 2 * 3  # cca and comm on each of the donors A, B, C held out
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
         ("probe={'n_folds': 1}", "n_folds"),
+        ("protocols=[transductive,leave_one_out]", "leave_one_out"),
+        ("bootstrap={'level': 1.5}", "level"),
         ("methods=[cca,not_a_method]", "not_a_method"),
         ("training={'lr': -1}", "lr"),
         ("datasets={her2st: {max_spot_per_slide: 40}}",

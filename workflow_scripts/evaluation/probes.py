@@ -1,54 +1,72 @@
-"""Linear probes with cross-validation on a spot embedding (docs/reference.md#probes).
+"""Linear probes on a spot embedding, scored on shared folds (docs/reference.md#probes).
 
-For every task of a dataset (``config: datasets.<d>.tasks``) the embedding of each spot is used as the
-feature vector of a linear probe:
+For every task of a dataset (``config: datasets.<d>.tasks``) the embedding of each spot is the feature vector
+of a linear probe, fit on the training part of each fold of the task and scored on its test part. The folds, the
+task's spots and its class set come from the fold table of the dataset, protocol and seed
+(:mod:`workflow_scripts.evaluation.folds`), so every embedding is scored on identical splits.
 
-* **classification** (``type: classification, label: <obs column>, exclude: [...]``):
-  per fold ``StandardScaler`` (fit on the training fold) → ``LogisticRegression(max_iter,
-  random_state=seed+fold)`` (lbfgs, L2, C=1, multinomial) → macro-F1 on the test fold, computed over the
-  classes present in BOTH the training and the test fold (rows of other classes are dropped from both
-  folds and counted; docs/reference.md#probes and docs/reference.md#flaw-13).
+* **classification** (``type: classification, label: <obs column>, exclude: [...]``): ``StandardScaler`` fit
+  on the training part → multinomial L2 logistic regression whose inverse regularisation strength C is
+  chosen from ``probe.logreg_Cs`` by an inner stratified ``inner_folds``-fold cross-validation on the training
+  part only (``LogisticRegressionCV``, scored by macro-F1, refit on the whole training part with the best C) →
+  macro-F1 on the test part over the task's fixed class set (:func:`macro_f1`). The reference fits C = 1
+  (docs/reference.md#probes); a fixed C rewards or penalises an embedding for its dimension and scale, whatever
+  it encodes (docs/evaluation.md#probes).
 * **regression** (``type: regression, obsm: <obsm key>``): ``StandardScaler`` → ``RidgeCV(alphas,
-  scoring="r2")`` (efficient leave-one-out choice of a single alpha for all outputs) → R² on the test
-  fold, uniform average over the outputs (``sklearn.metrics.r2_score(multioutput="uniform_average")``).
+  scoring="r2")`` (efficient leave-one-out choice of one alpha for all outputs on the training part) → R² on the
+  test part, uniform average over the outputs (as in the reference, docs/reference.md#probes).
 
-Cross-validation (``config: probe.cv``): ``kfold`` = ``KFold(n_folds, shuffle=True, random_state=seed)``
-over the task's spots (as in the reference, docs/reference.md#probes), or ``group_slide`` = ``GroupKFold`` over slides so that
-no slide is split between training and test (a fix for the spatial leakage noted in docs/reference.md#flaw-6).
-A fold needs ≥10 training and ≥5 test rows (as in the reference, docs/reference.md#probes), otherwise it is skipped with a log line.
+Before the logistic fits the standardised training part is replaced by its coordinates in its own row space
+(:func:`reduce_rank`): an L2-penalised linear model's weights lie in that space, so the fitted probe and its
+predictions are unchanged, while a D-dimensional embedding of rank r < D is fitted at the cost of r dimensions.
+A fold needs ≥ 10 training and ≥ 5 test spots and two classes in its training part (reference,
+docs/reference.md#probes); a fold that has not is skipped with a log line.
 
-Output (long format, one row per task × fold): ``task, task_type, metric, fold, value, n_train, n_test,
-n_classes, n_dropped_test, alpha``; the CLI prepends ``dataset, embedding, seed``.
+Output (long format, one row per task × fold; :data:`PROBE_COLUMNS`): ``protocol, task, task_type, metric, fold,
+value, n_train, n_test, n_buffer, n_classes, n_classes_test, n_classes_unseen, C, alpha, dim, rank, outer,
+scheme, unit, split_hash``; the CLI prepends ``dataset, embedding, seed``. ``n_classes`` is the size of the
+task's fixed class set, ``n_classes_test`` the classes present in the test part, ``n_classes_unseen`` those
+absent from the training part (their test spots cannot be predicted right); ``C`` / ``alpha`` the chosen
+regularisation; ``dim`` / ``rank`` the embedding's dimension and the rank the logistic probe was fit in;
+``outer`` the interface that embedded the fold (-1: transductive); ``unit`` the bootstrap unit of the fold
+(:mod:`workflow_scripts.evaluation.bootstrap`); ``split_hash`` a checksum of the fold's training and test spot
+ids, equal for every embedding that was scored on the same split.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.metrics import f1_score, r2_score
-from sklearn.model_selection import GroupKFold, KFold
+from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
 
-from ..io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from ..io import drop_invalid_rows, json_arg, read_embedding, setup_logging
 from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
 PROBE_COLUMNS = [
-    "task", "task_type", "metric", "fold", "value",
-    "n_train", "n_test", "n_classes", "n_dropped_test", "alpha",
+    "protocol", "task", "task_type", "metric", "fold", "value", "n_train", "n_test", "n_buffer",
+    "n_classes", "n_classes_test", "n_classes_unseen", "C", "alpha", "dim", "rank", "outer", "scheme", "unit",
+    "split_hash",
 ]
 MIN_TRAIN = 10  # ≥10 training rows per fold, as in the reference (docs/reference.md#probes)
 MIN_TEST = 5    # ≥5 test rows per fold, as in the reference (docs/reference.md#probes)
 TASK_TYPES = ("classification", "regression")
 DEFAULT_ALPHAS = list(np.logspace(-3, 3, 10))  # the reference's RidgeCV alphas (docs/reference.md#probes)
+DEFAULT_CS = list(np.logspace(-4, 2, 7))
+DEFAULT_INNER_FOLDS = 3
+NEWTON_MAX_HESSIAN = 800  # Newton–Cholesky up to an 800 × 800 Hessian (see logreg_solver)
+RANK_RTOL = 1e-6  # singular values below this fraction of the largest: float32 rounding of the stored embedding
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +186,8 @@ def task_targets(
 def cv_splits(
     n: int, groups: np.ndarray | None, probe_params: Mapping, seed: int, what: str = "probe"
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Fold index pairs ``(train_idx, test_idx)`` over ``n`` rows.
+    """Fold index pairs ``(train_idx, test_idx)`` over ``n`` rows, for callers that split one table themselves
+    (the probes of this module read shared fold tables instead, :mod:`workflow_scripts.evaluation.folds`).
 
     ``probe_params['cv']``: ``kfold`` → ``KFold(n_folds, shuffle=True, random_state=seed)`` (docs/reference.md#probes);
     ``group_slide`` → ``GroupKFold`` over ``groups`` (slide per row); with fewer slides than folds
@@ -206,7 +225,9 @@ def fit_classifier_fold(
     max_iter: int, random_state: int, what: str = "fold",
     min_train: int = MIN_TRAIN, min_test: int = MIN_TEST,
 ) -> dict | None:
-    """Scaled logistic-regression probe on one split; macro-F1 over the classes common to both parts.
+    """Scaled logistic-regression probe at C = 1 on one split; macro-F1 over the classes common to both parts.
+
+    The reference's probe (used by the neighbour-ring probes); the per-task probes use :func:`fit_logreg_cv_fold`.
 
     ``X_*``: (n, d) features; ``y_*``: (n,) labels. Rows whose class is absent from the other part are
     dropped (counted in the log). Returns ``{value, n_train, n_test, n_classes, n_dropped_test}`` or None
@@ -259,7 +280,284 @@ def fit_regressor_fold(
 
 
 # ----------------------------------------------------------------------------------------------------
-# driver
+# tuned probes on shared folds
+# ----------------------------------------------------------------------------------------------------
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> float:
+    """Macro-F1 over a task's fixed class set.
+
+    The mean of the per-class F1 = 2 TP / (2 TP + FP + FN) over the classes of ``classes`` that occur in
+    ``y_true`` or ``y_pred``; a class that is neither present nor predicted has no F1 and is left out
+    (``sklearn.metrics.f1_score(labels=classes, average="macro", zero_division=nan)``). A class present in the
+    test part but never predicted (e.g. absent from the training part) scores 0. ``y_true``, ``y_pred``: (n,).
+    Returns NaN when no class of ``classes`` occurs.
+    """
+    with np.errstate(invalid="ignore"):
+        return float(f1_score(y_true, y_pred, labels=list(classes), average="macro", zero_division=np.nan))
+
+
+def reduce_rank(X_train: np.ndarray, X_test: np.ndarray, rtol: float = RANK_RTOL) -> tuple[np.ndarray, np.ndarray, int]:
+    """Coordinates of the training and test rows in the row space of ``X_train``.
+
+    ``X_train = U S Vᵀ`` (thin SVD); with r the number of singular values > ``rtol`` · the largest, returns
+    ``(X_train V_r, X_test V_r, r)`` of shapes (n_train, r), (n_test, r). An L2-penalised linear model with an
+    unpenalised intercept has its weight vector w in the row space of its training data (a component orthogonal
+    to every training row changes no training prediction and only adds penalty), so fitting on ``X V_r`` with
+    weights β and predicting ``X_test V_r β`` is the same model and the same predictions (representer theorem:
+    Schölkopf, Herbrich & Smola 2001, COLT, doi:10.1007/3-540-44581-1_27). Directions below ``rtol`` carry only
+    the rounding noise of the float32 embedding tables.
+    """
+    _, s, vt = np.linalg.svd(np.asarray(X_train, dtype=np.float64), full_matrices=False)
+    if len(s) == 0 or s[0] == 0:
+        return np.zeros((len(X_train), 0)), np.zeros((len(X_test), 0)), 0
+    r = int((s > rtol * s[0]).sum())
+    v = vt[:r].T
+    return X_train @ v, np.asarray(X_test, dtype=np.float64) @ v, r
+
+
+def fit_logreg_cv_fold(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
+    classes: Sequence[str], Cs: Sequence[float] = DEFAULT_CS, inner_folds: int = DEFAULT_INNER_FOLDS,
+    max_iter: int = 2000, random_state: int = 0, what: str = "fold",
+    min_train: int = MIN_TRAIN, min_test: int = MIN_TEST,
+) -> dict | None:
+    """Logistic-regression probe on one split with C chosen by inner cross-validation on the training part.
+
+    Parameters
+    ----------
+    X_train, X_test : (n_train, d), (n_test, d) features. y_train, y_test : (n_train,), (n_test,) labels.
+    classes : the task's fixed class set (macro-F1 is taken over it, :func:`macro_f1`).
+    Cs : grid of inverse regularisation strengths (``config: probe.logreg_Cs``).
+    inner_folds : folds of the inner ``StratifiedKFold(shuffle=True, random_state)`` on the training part.
+    inner_folds : folds of the inner ``StratifiedKFold(shuffle=True, random_state)`` on the training part (at most
+        the size of the largest class); 1 = a single stratified 75/25 split (``StratifiedShuffleSplit``).
+    max_iter : solver iterations; random_state : seed of the inner split.
+
+    Steps: ``StandardScaler`` fit on the training part; :func:`reduce_rank`; ``LogisticRegressionCV(Cs, cv=inner,
+    scoring=macro-F1, refit=True)`` (L2, multinomial; the C path is warm-started within each inner fold); predict
+    the test part. The test part is never seen before the final prediction. Solver (:func:`logreg_solver`):
+    Newton–Cholesky while the multinomial Hessian is small, else lbfgs; both minimise the same objective, the
+    Newton steps converge in a few iterations where lbfgs stalls on ill-conditioned features.
+
+    Returns
+    -------
+    ``{value, C, n_train, n_test, n_classes, n_classes_test, n_classes_unseen, dim, rank}`` or None (logged) when
+    fewer than ``min_train`` training / ``min_test`` test rows or fewer than 2 classes in the training part.
+    """
+    classes = [str(c) for c in classes]
+    y_train, y_test = np.asarray(y_train).astype(str), np.asarray(y_test).astype(str)
+    if len(y_train) < min_train or len(y_test) < min_test:
+        log.warning("%s: %d train / %d test rows (need >= %d / %d); skipped", what, len(y_train), len(y_test),
+                    min_train, min_test)
+        return None
+    seen = np.unique(y_train)
+    if len(seen) < 2:
+        log.warning("%s: %d class(es) in the training part (need 2); skipped", what, len(seen))
+        return None
+    unseen = sorted(set(classes) - set(seen))
+    in_test = sorted(set(np.unique(y_test)) & set(classes))
+    if unseen:
+        log.info("%s: classes absent from the training part (their test spots score as errors): %s", what, unseen)
+    scaler = StandardScaler().fit(X_train)
+    Xtr, Xte, r = reduce_rank(scaler.transform(X_train), scaler.transform(X_test))
+    if int(inner_folds) == 1:
+        inner = StratifiedShuffleSplit(1, test_size=0.25, random_state=int(random_state))
+    else:
+        k = int(min(inner_folds, np.bincount(np.unique(y_train, return_inverse=True)[1]).max()))
+        inner = StratifiedKFold(max(k, 2), shuffle=True, random_state=int(random_state))
+    clf = LogisticRegressionCV(
+        Cs=[float(c) for c in Cs], l1_ratios=(0.0,), cv=inner, solver=logreg_solver(r, len(seen)),
+        scoring=_inner_macro_f1, max_iter=int(max_iter), refit=True,
+        use_legacy_attributes=False,
+    )
+    clf.fit(Xtr, y_train)
+    value = macro_f1(y_test, clf.predict(Xte), classes)
+    return dict(value=value, C=float(clf.C_), n_train=int(len(y_train)), n_test=int(len(y_test)),
+                n_classes=len(classes), n_classes_test=len(in_test), n_classes_unseen=len(unseen),
+                dim=int(X_train.shape[1]), rank=int(r))
+
+
+def _inner_macro_f1(estimator, X: np.ndarray, y: np.ndarray) -> float:
+    """Scorer of the inner split: macro-F1 over the classes present in it (0 for an empty class)."""
+    return float(f1_score(y, estimator.predict(X), average="macro", zero_division=0.0))
+
+
+def logreg_solver(rank: int, n_classes: int, max_hessian: int = NEWTON_MAX_HESSIAN) -> str:
+    """``newton-cholesky`` when the multinomial Hessian, of side (rank + 1) · n_classes, is at most
+    ``max_hessian``, else ``lbfgs`` (sklearn solvers of the same L2 logistic objective)."""
+    return "newton-cholesky" if (rank + 1) * max(n_classes, 1) <= max_hessian else "lbfgs"
+
+
+def split_hash(train_ids: Sequence[str], test_ids: Sequence[str]) -> str:
+    """8-hex-digit CRC32 of the sorted training and test spot ids: equal for two probes iff (barring collisions)
+    they were fit and scored on the same spots."""
+    key = ",".join(sorted(map(str, train_ids))) + "|" + ",".join(sorted(map(str, test_ids)))
+    return f"{zlib.crc32(key.encode()):08x}"
+
+
+def _targets_for(adata: ad.AnnData, spec: Mapping, ids: pd.Index):
+    pos = pd.Index(adata.obs_names.astype(str)).get_indexer(ids)
+    if (pos < 0).any():
+        raise ValueError(f"{int((pos < 0).sum())} spots of the fold table are not in the spots AnnData "
+                         f"(e.g. {list(ids[pos < 0][:3])}); were the folds built from this dataset?")
+    if spec["type"] == "classification":
+        return adata.obs[spec["label"]].astype(str).to_numpy()[pos]
+    y = np.asarray(adata.obsm[spec["obsm"]], dtype=np.float64)[pos]
+    return y[:, None] if y.ndim == 1 else y
+
+
+def run_probes(
+    emb: pd.DataFrame | Mapping[int, pd.DataFrame],
+    adata: ad.AnnData,
+    tasks: Mapping[str, Mapping],
+    probe_params: Mapping,
+    seed: int,
+    min_class_size: int = 10,
+    folds: pd.DataFrame | None = None,
+    meta: Mapping | None = None,
+    what: str = "embedding",
+) -> pd.DataFrame:
+    """Probe every task of ``tasks`` on its folds (module docstring).
+
+    Parameters
+    ----------
+    emb : (n_spots, d) embedding indexed by spot id, or ``{outer fold: embedding}`` under the inductive protocol
+        (each fold is scored with the embedding of its ``outer`` interface).
+    adata : spots AnnData; labels in ``obs``, regression targets in ``obsm``.
+    tasks : ``{task: {type, label|obsm, exclude}}`` (``config: datasets.<d>.tasks``).
+    probe_params : ``config: probe`` (``n_folds``, ``cv``, ``logreg_Cs``, ``inner_folds``, ``logreg_max_iter``,
+        ``ridge_alphas``).
+    seed : run seed; the inner split of fold f uses ``random_state = seed + f``.
+    min_class_size : used only when ``folds`` is None.
+    folds, meta : the fold table and its side dict (:func:`workflow_scripts.evaluation.folds.read_folds`). When
+        None, transductive folds are built here from ``adata`` (:func:`workflow_scripts.evaluation.folds.make_folds`).
+
+    Returns
+    -------
+    The long table (:data:`PROBE_COLUMNS`). Spots of a fold that the embedding lacks (absent or non-finite rows)
+    are left out of that fold and counted in the log. Raises ValueError for invalid task specs, or an outer fold
+    with no embedding.
+    """
+    from .folds import make_folds, split_ids
+
+    for t, spec in tasks.items():
+        check_task_spec(t, spec)
+    if folds is None:
+        obs = adata.obs[[c for c in ("slide", "donor", "x_um", "y_um") if c in adata.obs.columns]]
+        spots = {}
+        for t, spec in tasks.items():
+            y = task_targets(adata, t, spec, min_class_size)
+            if y is not None:
+                spots[t] = y.index
+        folds, meta = make_folds(obs, spots, "transductive", int(probe_params.get("n_folds", 5)), seed,
+                                 probe_params.get("cv", "kfold"))
+    protocol = meta.get("protocol", "transductive")
+    embs = dict(emb) if isinstance(emb, Mapping) else {None: emb}
+    mats = {}
+    for k, e in embs.items():
+        e = e.copy()
+        e.index = e.index.astype(str)
+        e = drop_invalid_rows(e, f"{what}" + ("" if k is None else f" (outer {k})"), log)
+        mats[k] = (pd.Index(e.index), e.to_numpy(dtype=np.float64))
+    fold_spots = pd.Index(folds["spot_id"].astype(str).unique())
+    for k, (index, _) in mats.items():
+        n_out = int((~index.isin(fold_spots)).sum())
+        if n_out:
+            log.info("%s%s: %d of %d embedding rows are not among the fold table's spots (unlabelled or not in the "
+                     "dataset) and are not probed", what, "" if k is None else f" (outer {k})", n_out, len(index))
+    Cs = probe_params.get("logreg_Cs") or DEFAULT_CS
+    inner = int(probe_params.get("inner_folds", DEFAULT_INNER_FOLDS))
+    max_iter = int(probe_params.get("logreg_max_iter", 2000))
+    alphas = probe_params.get("ridge_alphas") or DEFAULT_ALPHAS
+    rows = []
+    for task, spec in tasks.items():
+        tm = (meta.get("tasks") or {}).get(task)
+        tf = folds[folds["task"] == task]
+        if tm is None or tf.empty:
+            log.warning("task %s: no folds in the fold table (no usable spots); task skipped", task)
+            continue
+        ttype = spec["type"]
+        ids_all = pd.Index(tf["spot_id"].astype(str))
+        y_all = pd.Series(list(_targets_for(adata, spec, ids_all)), index=ids_all) if ttype == "classification" \
+            else pd.DataFrame(_targets_for(adata, spec, ids_all), index=ids_all)
+        classes = None
+        if ttype == "classification":
+            classes = tm.get("classes") or sorted(set(y_all))
+        n_done = 0
+        for fold in sorted(set(tf["fold"].astype(int))):
+            fm = tm["folds"][str(fold)]
+            outer = int(fm["outer"])
+            key = None if None in mats else outer
+            if key not in mats:
+                raise ValueError(f"task {task} fold {fold} is embedded by outer fold {outer}, but no embedding was "
+                                 f"given for it (got outer folds {sorted(k for k in mats if k is not None)})")
+            index, X = mats[key]
+            tr, te, buf = split_ids(tf, fold)
+            w = f"task {task} fold {fold}"
+            pos_tr, pos_te = index.get_indexer(tr), index.get_indexer(te)
+            miss = int((pos_tr < 0).sum() + (pos_te < 0).sum())
+            if miss:
+                log.warning("%s: %d of %d spots have no (finite) embedding row and are left out", w, miss,
+                            len(tr) + len(te))
+            tr, te = tr[pos_tr >= 0], te[pos_te >= 0]
+            Xtr, Xte = X[pos_tr[pos_tr >= 0]], X[pos_te[pos_te >= 0]]
+            common = dict(protocol=protocol, task=task, task_type=ttype, fold=fold, n_buffer=len(buf), outer=outer,
+                          scheme=tm["scheme"], unit=fm["unit"], split_hash=split_hash(tr, te))
+            if ttype == "classification":
+                res = fit_logreg_cv_fold(Xtr, y_all.loc[tr].to_numpy(), Xte, y_all.loc[te].to_numpy(), classes, Cs,
+                                         inner, max_iter, seed + fold, w)
+                if res is None:
+                    continue
+                rows.append(dict(common, metric="macro_f1", alpha=np.nan, **res))
+            else:
+                res = fit_regressor_fold(Xtr, y_all.loc[tr].to_numpy(), Xte, y_all.loc[te].to_numpy(), alphas, w)
+                if res is None:
+                    continue
+                rows.append(dict(common, metric="r2", C=np.nan, n_classes=np.nan, n_classes_test=np.nan,
+                                 n_classes_unseen=np.nan, dim=Xtr.shape[1], rank=np.nan, **res))
+            n_done += 1
+            r = rows[-1]
+            log.info("%s: %s = %.4f (n_train %d, n_test %d, n_buffer %d, %s)", w, r["metric"], r["value"],
+                     r["n_train"], r["n_test"], r["n_buffer"],
+                     f"C {r['C']:.3g}, rank {r['rank']}" if ttype == "classification" else f"alpha {r['alpha']:.3g}")
+        if n_done == 0:
+            log.warning("task %s: no fold could be evaluated", task)
+        else:
+            vals = [r["value"] for r in rows if r["task"] == task]
+            log.info("task %s: %d folds, mean %.4f sd %.4f", task, n_done, np.nanmean(vals), np.nanstd(vals))
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+def control_embeddings(
+    gex: pd.DataFrame, img: pd.DataFrame, d_out: int, seed: int, kinds: Sequence[str],
+    fit_ids: Mapping[int | None, Sequence[str] | None],
+) -> dict[str, dict]:
+    """Dimension-matched controls (:mod:`workflow_scripts.evaluation.controls`) of every kind in ``kinds``.
+
+    ``gex`` (n, d_gex), ``img`` (n, d_img): unimodal embedding tables (restricted here to their shared, finite
+    spots, logged); ``fit_ids``: ``{outer fold (None: transductive): spot ids whose statistics standardise the
+    inputs (None: all)}``. Returns ``{kind: {outer: (n, d_out) embedding table}}``.
+    """
+    from ..io import intersect_tables
+    from .controls import random_reencoding
+
+    g = drop_invalid_rows(gex, "GEX embedding (controls)", log)
+    i = drop_invalid_rows(img, "IMG embedding (controls)", log)
+    g, i = intersect_tables({"GEX embedding (controls)": g, "IMG embedding (controls)": i}, log).values()
+    ids = pd.Index(g.index.astype(str))
+    inputs = {"gex": [g.to_numpy(np.float64)], "img": [i.to_numpy(np.float64)],
+              "concat": [i.to_numpy(np.float64), g.to_numpy(np.float64)]}
+    out: dict[str, dict] = {}
+    for kind in kinds:
+        out[kind] = {}
+        for outer, fit in fit_ids.items():
+            rows = None if fit is None else ids.isin(pd.Index(np.asarray(fit, dtype=str)))
+            z = random_reencoding(inputs[kind], int(d_out), int(seed), kind, rows)
+            out[kind][outer] = pd.DataFrame(z, index=ids)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# embedding tables and spots
 # ----------------------------------------------------------------------------------------------------
 def match_embedding(emb: pd.DataFrame, adata: ad.AnnData, what: str = "embedding") -> pd.DataFrame:
     """Rows of ``emb`` (spot_id-indexed, (n, d)) that are finite and whose spot is in ``adata``.
@@ -284,105 +582,94 @@ def match_embedding(emb: pd.DataFrame, adata: ad.AnnData, what: str = "embedding
     return emb.loc[common]
 
 
-def run_probes(
-    emb: pd.DataFrame,
-    adata: ad.AnnData,
-    tasks: Mapping[str, Mapping],
-    probe_params: Mapping,
-    seed: int,
-    min_class_size: int = 10,
-) -> pd.DataFrame:
-    """Run every task's linear probe with cross-validation (docs/reference.md#probes).
-
-    Parameters
-    ----------
-    emb : (n_spots, d) embedding indexed by spot id (see :mod:`workflow_scripts.io`).
-    adata : spots AnnData (:mod:`workflow_scripts.data.model`); labels in ``obs``, regression targets in
-        ``obsm``, slide in ``obs['slide']`` (for ``group_slide``).
-    tasks : ``{task: {type, label|obsm, exclude}}`` (``config: datasets.<d>.tasks``).
-    probe_params : ``{n_folds, cv, logreg_max_iter, ridge_alphas}`` (``config: probe``).
-    seed : fold shuffling seed (``KFold``) and base of the logistic-regression seed (seed + fold).
-    min_class_size : classes with fewer spots (after matching the embedding) are dropped.
-
-    Returns the long table with columns :data:`PROBE_COLUMNS`: ``metric`` is ``macro_f1`` or ``r2``;
-    ``n_classes``/``n_dropped_test`` are NaN/0 for regression, ``alpha`` is NaN for classification.
-    Raises ValueError for invalid task specs or probe parameters.
-    """
-    for t, spec in tasks.items():
-        check_task_spec(t, spec)
-    emb = match_embedding(emb, adata)
-    sub = adata[emb.index]
-    X_all = emb.to_numpy(dtype=np.float64)
-    row_of = pd.Series(np.arange(len(emb)), index=emb.index)
-    slides = sub.obs["slide"].astype(str).to_numpy() if "slide" in sub.obs else None
-    max_iter = int(probe_params.get("logreg_max_iter", 2000))
-    alphas = probe_params.get("ridge_alphas") or DEFAULT_ALPHAS
-    rows = []
-    for task, spec in tasks.items():
-        y = task_targets(sub, task, spec, min_class_size)
-        if y is None:
-            continue
-        ttype = spec["type"]
-        idx = row_of.loc[y.index].to_numpy()
-        X = X_all[idx]
-        yv = y.to_numpy()
-        groups = slides[idx] if slides is not None else None
-        splits = cv_splits(len(idx), groups, probe_params, seed, what=f"task {task}")
-        n_done = 0
-        for fold, (tr, te) in enumerate(tqdm(splits, desc=f"probe {task}", leave=False)):
-            what = f"task {task} fold {fold}"
-            if ttype == "classification":
-                res = fit_classifier_fold(X[tr], yv[tr], X[te], yv[te], max_iter, seed + fold, what)
-                if res is None:
-                    continue
-                rows.append(dict(task=task, task_type=ttype, metric="macro_f1", fold=fold, alpha=np.nan, **res))
-            else:
-                res = fit_regressor_fold(X[tr], yv[tr], X[te], yv[te], alphas, what)
-                if res is None:
-                    continue
-                rows.append(dict(task=task, task_type=ttype, metric="r2", fold=fold,
-                                 n_classes=np.nan, n_dropped_test=0, **res))
-            n_done += 1
-            log.info("%s: %s = %.4f", what, rows[-1]["metric"], rows[-1]["value"])
-        if n_done == 0:
-            log.warning("task %s: no fold could be evaluated", task)
-        else:
-            vals = [r["value"] for r in rows if r["task"] == task]
-            log.info("task %s: %d folds, mean %.4f sd %.4f", task, n_done, np.mean(vals), np.std(vals))
-    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
-
-
-def read_spots(path: str | Path) -> ad.AnnData:
-    """Read the spots AnnData; FileNotFoundError naming the path (and the rule that builds it) if absent."""
+def read_spots(path: str | Path, backed: bool = False) -> ad.AnnData:
+    """Read the spots AnnData (``backed``: obs and obsm only, the count matrix stays on disk); FileNotFoundError
+    naming the path (and the rule that builds it) if absent."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"spots AnnData not found: {path} (run the rule that builds results/<dataset>/spots.h5ad)"
         )
-    return ad.read_h5ad(path)
+    return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m workflow_scripts.evaluation.probes --embedding E.parquet --spots spots.h5ad --dataset D
-    --name NAME --seed S --tasks JSON --params JSON [--min-class-size N] --out OUT.tsv --log LOG``.
+    """CLI: ``python -m workflow_scripts.evaluation.probes --embedding E.parquet [E1.parquet ...] --spots spots.h5ad
+    --dataset D --name NAME --seed S --tasks JSON --params JSON [--folds FOLDS.tsv] [--controls gex img concat
+    --controls-gex GEX.parquet --controls-img IMG.parquet] [--min-class-size N] --out OUT.tsv --log LOG``.
 
-    Writes the table of :func:`run_probes` with leading columns ``dataset, embedding, seed`` (TSV).
+    ``--embedding``: one table, or one per outer fold of the inductive protocol (in outer-fold order 0, 1, ...).
+    ``--folds``: the fold table (:mod:`workflow_scripts.evaluation.folds`; its ``.json`` side file next to it);
+    without it, transductive folds are built from the spots (``--min-class-size`` cleans the labels then).
+    ``--controls``: also probe the dimension-matched random re-encodings of GEX / IMG / [IMG ‖ GEX], named
+    ``control_<kind>@NAME`` (:mod:`workflow_scripts.evaluation.controls`). Writes one TSV with the columns
+    ``dataset, embedding, seed`` followed by :data:`PROBE_COLUMNS`.
     """
-    p = embedding_task_parser("python -m workflow_scripts.evaluation.probes", __doc__.split("\n")[0])
+    from .controls import CONTROL_KINDS, control_name
+    from .folds import fit_spot_ids, read_folds
+
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.evaluation.probes", description=__doc__.split("\n")[0])
+    p.add_argument("--embedding", required=True, nargs="+",
+                   help="embedding parquet, or one per outer fold (inductive protocol), in outer-fold order")
+    p.add_argument("--spots", required=True, help="spots AnnData (results/<dataset>/spots.h5ad)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--name", required=True, help="embedding name written in the 'embedding' column")
+    p.add_argument("--seed", type=int, required=True)
     p.add_argument("--tasks", required=True, help="JSON dict {task: {type, label|obsm, exclude}}")
-    p.add_argument("--params", required=True, help="JSON dict {n_folds, cv, logreg_max_iter, ridge_alphas}")
-    p.add_argument("--min-class-size", type=int, default=10)
+    p.add_argument("--params", required=True,
+                   help="JSON dict {n_folds, cv, logreg_Cs, inner_folds, logreg_max_iter, ridge_alphas}")
+    p.add_argument("--folds", default=None, help="fold table TSV of this dataset, protocol and seed")
+    p.add_argument("--controls", nargs="*", default=[], choices=CONTROL_KINDS,
+                   help="dimension-matched random re-encodings to probe with the same folds")
+    p.add_argument("--controls-gex", default=None, help="GEX embedding parquet (for --controls)")
+    p.add_argument("--controls-img", default=None, help="IMG embedding parquet (for --controls)")
+    p.add_argument("--min-class-size", type=int, default=10, help="label cleaning when no --folds is given")
+    p.add_argument("--out", required=True, help="output TSV")
+    p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
     tasks = json_arg(args.tasks, "--tasks")
     params = json_arg(args.params, "--params")
-    log.info("probes: dataset %s, embedding %s, seed %d, tasks %s, params %s",
-             args.dataset, args.name, args.seed, list(tasks), params)
-    emb = read_embedding(args.embedding)
-    adata = read_spots(args.spots)
+    if args.controls and not (args.controls_gex and args.controls_img):
+        raise SystemExit("--controls needs --controls-gex and --controls-img (the unimodal embedding tables)")
+    folds, meta = read_folds(args.folds) if args.folds else (None, None)
+    protocol = meta["protocol"] if meta else "transductive"
+    log.info("probes: dataset %s, embedding %s, seed %d, protocol %s, tasks %s, params %s", args.dataset, args.name,
+             args.seed, protocol, list(tasks), params)
+    if len(args.embedding) > 1 and (meta is None or meta.get("n_outer") != len(args.embedding)):
+        raise SystemExit(f"{len(args.embedding)} embeddings given; several are allowed only with an inductive "
+                         f"--folds table of as many outer folds (its n_outer: {meta and meta.get('n_outer')})")
+    tables = [read_embedding(e) for e in args.embedding]
+    emb = tables[0] if len(tables) == 1 else dict(enumerate(tables))
+    adata = read_spots(args.spots, backed=True)
     check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
-    df = run_probes(emb, adata, tasks, params, args.seed, args.min_class_size)
-    write_result_table(df, args.out, args.dataset, args.name, args.seed)
+    parts = [(args.name, run_probes(emb, adata, tasks, params, args.seed, args.min_class_size, folds, meta,
+                                    what=args.name))]
+    if args.controls:
+        d_out = tables[0].shape[1]
+        if protocol == "inductive":
+            fit = {k: fit_spot_ids(folds, k) for k in range(int(meta["n_outer"]))}
+        else:
+            fit = {None: None}
+        ctrl = control_embeddings(read_embedding(args.controls_gex), read_embedding(args.controls_img), d_out,
+                                  args.seed, args.controls, fit)
+        for kind in args.controls:
+            name = control_name(kind, args.name)
+            e = ctrl[kind]
+            log.info("control %s: random re-encoding to %d dimensions", name, d_out)
+            parts.append((name, run_probes(e if None not in e else e[None], adata, tasks, params, args.seed,
+                                           args.min_class_size, folds, meta, what=name)))
+    out = []
+    for name, df in parts:
+        df = df.copy()
+        df.insert(0, "seed", args.seed)
+        df.insert(0, "embedding", name)
+        df.insert(0, "dataset", args.dataset)
+        out.append(df)
+    res = pd.concat(out, ignore_index=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    res.to_csv(args.out, sep="\t", index=False)
+    log.info("wrote %d rows (%d embeddings) to %s", len(res), len(parts), args.out)
 
 
 if __name__ == "__main__":

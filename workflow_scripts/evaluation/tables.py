@@ -5,27 +5,30 @@
 ``summarise``: mean, sd (``np.std``, ddof 0, as the reference reports: docs/reference.md#probes) and count of ``value`` per group.
 
 Default groups: probe tables (they have a ``fold`` column) →
-``dataset, embedding, task, task_type, metric``; spatial tables (``ring`` column) →
+``dataset, protocol, embedding, task, task_type, metric``; spatial tables (``ring`` column) →
 ``dataset, embedding, task, ring, inner_um, outer_um, metric`` (then ``n_spots`` and ``mean_neighbours``
 are averaged too). Summary columns: the group columns, then ``mean, sd, n`` (+ ``n_spots,
-mean_neighbours`` for spatial tables).
+mean_neighbours`` for spatial tables; + ``lo, hi, n_units``, the 95 % cluster-bootstrap interval of the mean over
+the table's ``unit`` column (:mod:`workflow_scripts.evaluation.bootstrap`), for probe tables that have one).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..io import setup_logging
+from ..io import json_arg, setup_logging
+from .bootstrap import bootstrap_means, percentile_interval
 
 log = logging.getLogger(__name__)
 
-PROBE_BY = ["dataset", "embedding", "task", "task_type", "metric"]
+PROBE_BY = ["dataset", "protocol", "embedding", "task", "task_type", "metric"]
 SPATIAL_BY = ["dataset", "embedding", "task", "ring", "inner_um", "outer_um", "metric"]
 
 
@@ -68,11 +71,14 @@ def default_by(df: pd.DataFrame) -> list[str]:
     return [c for c in by if c in df.columns]
 
 
-def summarise(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+def summarise(df: pd.DataFrame, by: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
+              level: float = 0.95) -> pd.DataFrame:
     """Mean, sd (ddof 0) and n of ``value`` per group (default :func:`default_by`).
 
     Rows with NaN ``value`` are not counted. For spatial tables ``n_spots`` and ``mean_neighbours`` are
-    averaged per group as well. Raises ValueError naming absent columns.
+    averaged per group as well. A table with a ``unit`` column (probe tables) also gets ``lo``, ``hi`` (percentile
+    interval at ``level`` of the mean, ``n_boot`` cluster-bootstrap resamples over its units, seeded per group from
+    ``seed`` and the group's names) and ``n_units``. Raises ValueError naming absent columns.
     """
     by = list(by) if by else default_by(df)
     missing = [c for c in [*by, "value"] if c not in df.columns]
@@ -87,6 +93,15 @@ def summarise(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
     for extra in ("n_spots", "mean_neighbours"):
         if extra in d.columns and extra not in by:
             out[extra] = g[extra].mean().to_numpy()
+    if "unit" in d.columns and "unit" not in by and len(out):
+        ci = []
+        for key, gg in g:
+            key = key if isinstance(key, tuple) else (key,)
+            boot = bootstrap_means(gg["value"].to_numpy(float)[:, None], gg["unit"].astype(str).to_numpy(), n_boot,
+                                   [int(seed), zlib.crc32("|".join(map(str, key)).encode())])
+            lo, hi = percentile_interval(boot[:, 0], level)
+            ci.append((lo, hi, gg["unit"].nunique()))
+        out["lo"], out["hi"], out["n_units"] = zip(*ci)
     log.info("summarised %d rows into %d groups by %s", len(d), len(out), by)
     return out
 
@@ -94,7 +109,7 @@ def summarise(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m workflow_scripts.evaluation.tables collect --inputs A.tsv B.tsv ... --out ALL.tsv --log LOG``
     and ``python -m workflow_scripts.evaluation.tables summarise --input ALL.tsv --out SUMMARY.tsv [--by COL ...]
-    --log LOG``."""
+    [--bootstrap JSON] --log LOG``."""
     p = argparse.ArgumentParser(prog="python -m workflow_scripts.evaluation.tables", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="concatenate result TSVs")
@@ -105,13 +120,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--input", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--by", nargs="+", default=None, help="group columns (default: by table kind)")
+    s.add_argument("--bootstrap", default="{}", help='JSON {"n_boot", "level", "seed"} (config: bootstrap)')
     s.add_argument("--log", default=None)
     args = p.parse_args(argv)
     setup_logging(args.log)
     if args.cmd == "collect":
         out = collect(args.inputs)
     else:
-        out = summarise(read_table(args.input), args.by)
+        bs = json_arg(args.bootstrap, "--bootstrap") or {}
+        out = summarise(read_table(args.input), args.by, int(bs.get("n_boot", 2000)), int(bs.get("seed", 0)),
+                        float(bs.get("level", 0.95)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, sep="\t", index=False)
     log.info("wrote %d rows to %s", len(out), args.out)

@@ -13,14 +13,16 @@ an interval where one is given, the expectation in words and whether it holds. T
   X2)): unimodal and concat at chance (|score| ≤ ``tol_chance``), tensor_fusion well above (≥ ``min_control``).
 
 Also reported on every ``gain`` / ``chance`` row: the fused and best unimodal means and the SIS (NaN where the best
-unimodal score is ≤ 0). Intervals come from a callable (the paired bootstrap of :mod:`workflow_scripts.evaluation.sis`
-once it exists); without one the ``lower``/``upper`` columns are NaN.
+unimodal score is ≤ 0). Intervals come from a callable; the CLI uses the paired bootstrap over (seed, fold) cells of
+the SIS table (:func:`bootstrap_gain_interval`); without one the ``lower``/``upper`` columns are NaN. Only one
+protocol is scored (the transductive one when the probe table holds several, :func:`one_protocol`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import zlib
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -61,6 +63,34 @@ def pid_rows(truth: pd.DataFrame, pid: pd.DataFrame, tol_bits: float) -> list[di
     return rows
 
 
+def one_protocol(probes: pd.DataFrame, protocol: str = "transductive") -> pd.DataFrame:
+    """The rows of one evaluation protocol (``protocol`` if present, else the first), so that (seed, fold) cells
+    of different protocols are never paired; tables without a ``protocol`` column are returned as they are."""
+    if "protocol" not in probes.columns:
+        return probes
+    present = list(dict.fromkeys(probes["protocol"].astype(str)))
+    chosen = protocol if protocol in present else present[0]
+    if len(present) > 1:
+        log.info("validation: scoring the %s protocol (the probe table holds %s)", chosen, present)
+    return probes[probes["protocol"].astype(str) == chosen]
+
+
+def bootstrap_gain_interval(n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> IntervalFn:
+    """An :data:`IntervalFn`: the paired bootstrap interval of the gain over the best unimodal embedding, each
+    (seed, fold) cell a unit (:mod:`workflow_scripts.evaluation.bootstrap`, as in the SIS table)."""
+    from .bootstrap import bootstrap_means, gain, percentile_interval
+
+    def interval(m: pd.DataFrame, fused: str, task: str) -> tuple[float, float]:
+        v = m[[fused, *UNIMODAL]].dropna()
+        if len(v) < 2:
+            return np.nan, np.nan
+        units = [f"{a}:{b}" for a, b in v.index]
+        boot = bootstrap_means(v.to_numpy(float), units, n_boot, [int(seed), zlib.crc32(f"{task}|{fused}".encode())])
+        return percentile_interval(gain(boot, 0, [1, 2]), level)
+
+    return interval
+
+
 def score_matrix(probes: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
     """Fold-level scores of one task as a (seed, fold) × embedding table (paired rows)."""
     sub = probes[(probes["task"] == task) & (probes["metric"] == metric)]
@@ -97,6 +127,7 @@ def validation_table(
     need = {"dataset", "embedding", "seed", "task", "metric", "fold", "value"}
     if need - set(probes.columns):
         raise ValueError(f"probe table lacks columns {sorted(need - set(probes.columns))}")
+    probes = one_protocol(probes)
     chance = dict(chance or {})
     rows = pid_rows(truth, pid, float(p["tol_bits"]))
     dataset = str(truth["dataset"].iloc[0]) if len(truth) else ""
@@ -200,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not path.exists():
             raise FileNotFoundError(f"--{name} table not found: {path}")
         tables[name] = pd.read_csv(path, sep="\t")
-    probes = tables["probes"]
+    probes = one_protocol(tables["probes"])
     adata = read_spots(a.spots)
     probe_params = json_arg(a.probe_params, "--probe-params")
     per_seed: dict[str, list[float]] = {}
@@ -209,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      a.min_class_size).items():
             per_seed.setdefault(task, []).append(v)
     chance = {t: float(np.mean(v)) for t, v in per_seed.items()}
-    out = validation_table(tables["truth"], tables["pid"], probes, chance)
+    out = validation_table(tables["truth"], tables["pid"], probes, chance, interval=bootstrap_gain_interval())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(a.out, sep="\t", index=False)
     log.info("wrote %d rows to %s", len(out), a.out)

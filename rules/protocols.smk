@@ -1,0 +1,64 @@
+# The evaluation protocols: fold tables shared by every probe, and the per-outer-fold interfaces of the
+# inductive protocol (workflow_scripts/evaluation/folds.py; docs/evaluation.md).
+
+
+rule folds:
+    """Fold assignment of one dataset, protocol and seed, with each task's spots and class set fixed up front."""
+    input:
+        "results/{dataset}/spots.h5ad",
+    output:
+        tsv="results/{dataset}/folds/{protocol}/seed{seed}.tsv",
+        meta="results/{dataset}/folds/{protocol}/seed{seed}.json",
+    log:
+        "logs/{dataset}/folds_{protocol}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        tasks=lambda wc: tasks_json(wc.dataset),
+        probe=lambda wc: json.dumps({k: config["probe"][k] for k in ("n_folds", "cv")}),
+        inductive=json.dumps(config["inductive"]),
+        min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
+        patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
+        n_outer=lambda wc: (f"--n-outer {n_outer(wc.dataset)}" if wc.protocol == "inductive" else ""),
+    shell:
+        "python -m workflow_scripts.evaluation.folds make --spots {input} --protocol {wildcards.protocol}"
+        " --seed {wildcards.seed} --tasks {params.tasks:q} --params {params.probe:q} --inductive {params.inductive:q}"
+        " --min-class-size {params.min_class} --patch-um {params.patch_um} {params.n_outer}"
+        " --out {output.tsv} --log {log}"
+
+
+rule align_inductive:
+    """Train one fusion method on the training donors of one outer fold (inductive protocol) and embed every spot."""
+    input:
+        gex=lambda wc: embedding_file(wc.dataset, "gex"),
+        img=lambda wc: embedding_file(wc.dataset, "img"),
+        folds="results/{dataset}/folds/inductive/seed{seed}.tsv",
+        folds_meta="results/{dataset}/folds/inductive/seed{seed}.json",
+    output:
+        z3="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.parquet",
+        model="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.pt",
+        history="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.history.tsv",
+        views="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.views.npz",
+        fit="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.fit_spots.tsv",
+    log:
+        align="logs/{dataset}/align_inductive_{method}_seed{seed}_outer{outer}.log",
+        fit="logs/{dataset}/fit_spots_{method}_seed{seed}_outer{outer}.log",
+    group:
+        "align"
+    conda:
+        "../envs/cellsynergy.yaml"
+    threads: config["training"]["threads"]
+    resources:
+        gpu=method_gpu,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        train=lambda wc: json.dumps(training_params(wc.method)),
+        device=config["training"]["device"],
+    shell:
+        "python -m workflow_scripts.evaluation.folds fit-spots --folds {input.folds} --outer {wildcards.outer}"
+        " --out {output.fit} --log {log.fit}"
+        " && python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
+        " --seed {wildcards.seed} --params {params.train:q} --fit-spots {output.fit} --out {output.z3}"
+        " --model {output.model} --history {output.history} --views {output.views} --device {params.device}"
+        " --threads {threads} --log {log.align}"

@@ -55,6 +55,7 @@ COMMON_DEFAULTS = {
     "ema_smoothing": 0.9,
     "val_fraction": 0.15,
     "val_fraction_unsupervised": 0.1,
+    "standardize": True,
 }
 #: Keys of the training block that are accepted but not used by fit_method (handled by the caller).
 IGNORED_KEYS = ("device", "threads", "method_params")
@@ -94,6 +95,8 @@ def resolve_params(method: str, params: dict | None, method_defaults: dict) -> d
     for key in ("val_fraction", "val_fraction_unsupervised"):
         if not 0.0 <= float(out[key]) < 1.0:
             raise ValueError(f"training parameter {key!r} must be in [0, 1), got {out[key]!r}")
+    if not isinstance(out["standardize"], bool):
+        raise ValueError(f"training parameter 'standardize' must be true or false, got {out['standardize']!r}")
     if not 0.0 <= float(out["ema_smoothing"]) < 1.0:
         raise ValueError(f"ema_smoothing must be in [0, 1), got {out['ema_smoothing']!r}")
     if float(out["lr"]) < 0 or float(out["weight_decay"]) < 0:

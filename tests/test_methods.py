@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightly.loss import BarlowTwinsLoss
 
 from workflow_scripts.methods import (
+    METHOD_DEFAULTS,
     METHODS,
     MODELS,
     SPECTRAL_METHODS,
@@ -24,7 +25,14 @@ from workflow_scripts.methods import (
 from workflow_scripts.methods.barlow_twins import barlow_twins_loss
 from workflow_scripts.methods.cca import fit_linear_cca
 from workflow_scripts.methods.dcca import dcca_loss
-from workflow_scripts.methods.training import SmoothedEarlyStopping, split_indices
+from workflow_scripts.methods.comm import CrossAttentionBlock
+from workflow_scripts.methods.training import (
+    SmoothedEarlyStopping,
+    make_optimizer,
+    resolve_params,
+    run_epoch,
+    split_indices,
+)
 
 torch.set_num_threads(1)
 
@@ -117,6 +125,76 @@ def test_z3_shape_finite_and_deterministic(method, toy):
     if method not in ("random",):
         z3, _ = embed_with_state(a.state, gex, img, device="cpu")
         np.testing.assert_allclose(z3, a.z3, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", NEURAL)
+def test_run_epoch_matches_the_per_batch_loop(method, toy):
+    """One gathered copy per epoch, batches as slices, losses read once per epoch: the same losses and weights,
+    bit for bit, as indexing every batch and reading every loss at once (the straightforward loop)."""
+    gex, img = toy
+    p = resolve_params(method, params(method), METHOD_DEFAULTS[method])
+    torch.manual_seed(0)
+    fast = build_model(method, D_IMG, D_GEX, p)
+    slow = copy.deepcopy(fast)
+    xi, xg = torch.as_tensor(img), torch.as_tensor(gex)
+    for m in (fast, slow):
+        m.prepare(xi, xg)
+    opt_fast, opt_slow = make_optimizer(fast, p), make_optimizer(slow, p)
+    rng, bs = np.random.default_rng(0), p["batch_size"]
+    for epoch in range(2):
+        order = rng.permutation(N)
+        torch.manual_seed(epoch)
+        got = run_epoch(fast, opt_fast, xi, xg, order, bs)
+        torch.manual_seed(epoch)
+        slow.train()
+        want = []
+        for s in range(0, N - bs + 1, bs):
+            b = order[s : s + bs]
+            loss = slow.loss(xi[b], xg[b])
+            opt_slow.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_slow.step()
+            slow.after_step()
+            want.append(float(loss.detach()))
+        assert got == want and len(got) == N // bs
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, slow.state_dict()[k]), k
+    assert len(run_epoch(fast, opt_fast, xi, xg, rng.permutation(N), bs, max_steps=3)) == 3
+
+
+def test_comm_single_token_attention_equals_multihead_attention():
+    """With one key token the attention weights are exactly 1: out_proj(W_v y) is MHA's value and gradient."""
+    torch.manual_seed(0)
+    blk = CrossAttentionBlock(64, 8)
+    x, y = torch.randn(32, 1, 64), torch.randn(32, 1, 64)
+    for training in (True, False):
+        blk.train(training)
+        grads = []
+        for short in (True, False):
+            blk.zero_grad()
+            xn, yn = blk.ln_x(x), blk.ln_y(y)
+            out = blk.attend(xn, yn) if short else blk.attn(xn, yn, yn, need_weights=False)[0]
+            (out**2).sum().backward()
+            grads.append((out.detach(), blk.attn.in_proj_weight.grad.clone(), blk.attn.out_proj.weight.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert grads[1][1][:128].abs().max() == 0  # query/key projections get no gradient in MHA either
+    # several key tokens or attention dropout: the full module
+    blk.train()
+    y3 = torch.randn(32, 3, 64)
+    torch.testing.assert_close(blk.attend(x, y3), blk.attn(x, y3, y3, need_weights=False)[0])
+
+
+def test_dim_critic_by_modality_equals_the_pairwise_critic():
+    torch.manual_seed(0)
+    model = build_model("dim", D_IMG, D_GEX, {"projection_dim": P, "hidden_dim": 32})
+    zi, zg = torch.randn(40, P, requires_grad=True), torch.randn(40, P, requires_grad=True)
+    fast, slow = model.scores(zi, zg), model.scores_pairwise(zi, zg)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    g_fast = torch.autograd.grad(fast.logsumexp(1).sum(), [zi, zg, model.critic[0].weight])
+    g_slow = torch.autograd.grad(slow.logsumexp(1).sum(), [zi, zg, model.critic[0].weight])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_spectral_methods_listed():

@@ -471,6 +471,22 @@ def test_smoothed_early_stopping_monitor():
     assert u5.smooth == pytest.approx(1.25) and u5.stop and mon.n_skipped == 2
 
 
+def test_min_delta_counts_only_relative_improvements():
+    losses = [10.0, 9.0, 8.99, 8.98, 8.97, 8.96, 8.95]  # after epoch 2 each step gains 0.1 %
+    plain = SmoothedEarlyStopping(smoothing=0.0, patience=3)
+    strict = SmoothedEarlyStopping(smoothing=0.0, patience=3, min_delta=0.005)  # 0.5 % of the reference value
+    ups = [(plain.update(v, e + 1), strict.update(v, e + 1)) for e, v in enumerate(losses)]
+    assert not any(u[0].stop for u in ups)  # every strict decrease resets the patience
+    # 8.99 ... 8.96 are within 0.5 % of 9.0 (three of them stop the run); 8.95 is 0.56 % below and resets
+    assert [u[1].stop for u in ups] == [False, False, False, False, True, True, False]
+    # the state to restore is still the lowest loss seen
+    assert all(u[1].improved for u in ups) and strict.best == 8.95 and strict.best_epoch == 7
+    neg = SmoothedEarlyStopping(smoothing=0.0, patience=2, min_delta=0.01)  # negative losses (CCA, DCCA)
+    neg.update(-30.0, 1)
+    assert neg.update(-30.2, 2).improved and neg.wait == 1 and neg.reference == -30.0  # 0.7 % < 1 %
+    assert not neg.update(-30.5, 3).stop and neg.wait == 0 and neg.reference == -30.5  # 1.7 % > 1 %
+
+
 def test_early_stopping_triggers_on_plateau(toy):
     gex, img = toy
     # lr = 0: weights never change, the validation loss is constant, the smoothed loss never strictly improves

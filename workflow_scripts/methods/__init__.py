@@ -44,6 +44,7 @@ import torch
 from . import barlow_twins, byol, cca, comm, dcca, dim, simclr, simsiam, vicreg
 from .baselines import concat_embedding, random_embedding
 from .base import AlignModel
+from .benchmark import benchmark_training, largest_batch_size
 from .standardize import apply_input_scaling, fit_input_scaling
 from .training import HISTORY_COLUMNS, predict, resolve_device, resolve_params, split_indices, train_model
 
@@ -308,4 +309,6 @@ __all__ = [
     "fit_method",
     "embed_with_state",
     "apply_input_scaling",
+    "benchmark_training",
+    "largest_batch_size",
 ]

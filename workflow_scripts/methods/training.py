@@ -15,7 +15,11 @@ What is reproduced from the reference
   ±inf or > 1e6 are skipped (the smoothed value is left unchanged and the epoch counts as "no improvement").
 * Early stopping when ``val_loss_smooth`` has not strictly decreased for ``early_stopping_patience`` epochs;
   the state with the best smoothed validation loss is kept and restored at the end (``ModelCheckpoint`` with
-  ``monitor=val_loss_smooth, mode=min``).
+  ``monitor=val_loss_smooth, mode=min``). ``min_delta`` (default 0, the reference) makes the patience count
+  only improvements larger than ``min_delta``·|reference value|, where the reference value is the smoothed
+  loss at the last such improvement (Lightning ``EarlyStopping(min_delta)``, made relative so that one value
+  suits objectives on different scales: DCCA's loss is about −31, SimCLR's about 2); the restored state is
+  still the one with the lowest smoothed loss.
 
 Deliberate simplifications (documented deviations)
 --------------------------------------------------
@@ -52,6 +56,7 @@ COMMON_DEFAULTS = {
     "weight_decay": 1.0e-5,
     "projection_dim": 256,
     "early_stopping_patience": 50,
+    "min_delta": 0.0,
     "ema_smoothing": 0.9,
     "val_fraction": 0.15,
     "val_fraction_unsupervised": 0.1,
@@ -92,6 +97,8 @@ def resolve_params(method: str, params: dict | None, method_defaults: dict) -> d
     if int(out["early_stopping_patience"]) < 1:
         raise ValueError(f"early_stopping_patience must be >= 1, got {out['early_stopping_patience']!r}")
     out["early_stopping_patience"] = int(out["early_stopping_patience"])
+    if not 0.0 <= float(out["min_delta"]) < 1.0:
+        raise ValueError(f"min_delta (relative) must be in [0, 1), got {out['min_delta']!r}")
     for key in ("val_fraction", "val_fraction_unsupervised"):
         if not 0.0 <= float(out[key]) < 1.0:
             raise ValueError(f"training parameter {key!r} must be in [0, 1), got {out[key]!r}")
@@ -143,15 +150,20 @@ class SmoothedEarlyStopping:
     """EMA-smoothed validation monitor with best-state tracking and patience (reference, docs/reference.md#alignment).
 
     ``smoothing`` a: s_t = a·s_{t−1} + (1−a)·v_t, s_1 = v_1. A loss v that is NaN/inf or > 1e6 is skipped.
-    ``improved`` when s_t < best (strict); ``stop`` once ``patience`` consecutive updates did not improve.
+    ``improved`` when s_t < best (strict): the state to keep. The patience counter is reset only by a
+    significant improvement, s_t < r − ``min_delta``·|r| with r the smoothed loss at the previous significant
+    improvement (r = best when ``min_delta`` = 0, the reference); ``stop`` once ``patience`` consecutive
+    updates were not significant improvements.
     """
 
-    def __init__(self, smoothing: float = 0.9, patience: int = 50):
+    def __init__(self, smoothing: float = 0.9, patience: int = 50, min_delta: float = 0.0):
         self.smoothing = float(smoothing)
         self.patience = int(patience)
+        self.min_delta = float(min_delta)
         self.smooth = math.nan
         self.best = math.inf
         self.best_epoch = 0
+        self.reference = math.inf
         self.wait = 0
         self.n_skipped = 0
 
@@ -161,14 +173,18 @@ class SmoothedEarlyStopping:
 
     def update(self, value: float, epoch: int) -> MonitorUpdate:
         """Feed the mean validation loss of ``epoch`` (1-based)."""
-        if self.is_valid(value):
+        valid = self.is_valid(value)
+        if valid:
             a = self.smoothing
             self.smooth = value if math.isnan(self.smooth) else a * self.smooth + (1 - a) * value
         else:
             self.n_skipped += 1
-        improved = self.is_valid(value) and self.smooth < self.best
+        improved = valid and self.smooth < self.best
         if improved:
-            self.best, self.best_epoch, self.wait = self.smooth, epoch, 0
+            self.best, self.best_epoch = self.smooth, epoch
+        ref = self.reference
+        if valid and (math.isinf(ref) or self.smooth < ref - self.min_delta * abs(ref)):
+            self.reference, self.wait = self.smooth, 0
         else:
             self.wait += 1
         return MonitorUpdate(self.smooth, improved, self.wait >= self.patience)
@@ -316,7 +332,7 @@ def train_model(
     opt = make_optimizer(model, params)
     max_epochs = int(params["max_epochs"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
-    monitor = SmoothedEarlyStopping(params["ema_smoothing"], params["early_stopping_patience"])
+    monitor = SmoothedEarlyStopping(params["ema_smoothing"], params["early_stopping_patience"], params["min_delta"])
     val_seed = int(seed) + 7919  # fixed per run: every validation epoch sees the same random draws
 
     rows, best_state, stopped_early = [], None, False
@@ -339,8 +355,8 @@ def train_model(
             break
         if upd.stop:
             stopped_early = True
-            log.info("%s: early stopping at epoch %d (no improvement of val_loss_smooth for %d epochs)", method, epoch,
-                     monitor.patience)
+            log.info("%s: early stopping at epoch %d (no improvement of val_loss_smooth by more than %g relative for "
+                     "%d epochs)", method, epoch, monitor.min_delta, monitor.patience)
             break
     bar.close()
     if monitor.n_skipped:

@@ -69,6 +69,7 @@ def benchmark_training(
     threads: int | None = None,
     seed: int = 0,
     data: tuple[np.ndarray, np.ndarray] | None = None,
+    warmup_steps: int = 2,
 ) -> dict:
     """Time ``epochs`` training epochs of ``method`` on synthetic (n, d_gex) / (n, d_img) embeddings.
 
@@ -83,10 +84,12 @@ def benchmark_training(
     params : training parameters (``training`` block merged with ``training.method_params[method]``);
         defaults of :mod:`.training` and the method otherwise.
     threads : torch intra-op threads for the run (None: leave torch's setting).
+    data : (x_gex, x_img) to use instead of synthetic inputs.
+    warmup_steps : optimiser steps run (not timed) before timing.
 
     Returns a dict: method, device, n, d_gex, d_img, batch_size, steps_per_epoch, steps_timed, seconds (wall),
     cpu_seconds (this process), steps_per_s, epochs_per_s, peak_rss_gib (process peak, inputs included),
-    peak_gpu_gib (CUDA only, else NaN). Two warm-up steps are not timed. The validation pass of the training
+    peak_gpu_gib (CUDA only, else NaN). The validation pass of the training
     loop (a tenth of the rows, forward only) is not included. Raises ValueError for an untrained method or a
     batch larger than n.
     """
@@ -114,7 +117,8 @@ def benchmark_training(
     opt = make_optimizer(model, p)
     rng = np.random.default_rng(seed)
     steps_per_epoch = n // batch_size
-    run_epoch(model, opt, xi, xg, rng.permutation(n), batch_size, max_steps=2)  # warm-up (lazy init, kernels)
+    if warmup_steps:  # lazy initialisation, first-call kernel selection, allocator growth
+        run_epoch(model, opt, xi, xg, rng.permutation(n), batch_size, max_steps=warmup_steps)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -148,14 +152,16 @@ def benchmark_training(
 
 
 def run_child(method: str, n: int, d_gex: int, d_img: int, batch_size: int, max_steps: int, device: str = "cpu",
-              threads: int | None = 1, params: dict | None = None, timeout: float = 600.0) -> dict | None:
+              threads: int | None = 1, params: dict | None = None, timeout: float = 600.0,
+              warmup_steps: int = 1) -> dict | None:
     """:func:`benchmark_training` in a child process (``python -m workflow_scripts.methods.benchmark``).
 
     Returns its result dict, or None when the child failed (out of memory, killed, timed out); the failure is
     logged with the end of its stderr."""
     cmd = [sys.executable, "-m", "workflow_scripts.methods.benchmark", "--method", method, "--n", str(n),
            "--d-gex", str(d_gex), "--d-img", str(d_img), "--batch-size", str(batch_size),
-           "--max-steps", str(max_steps), "--device", device, "--params", json.dumps(params or {})]
+           "--max-steps", str(max_steps), "--warmup-steps", str(warmup_steps), "--device", device,
+           "--params", json.dumps(params or {})]
     if threads:
         cmd += ["--threads", str(threads)]
     try:
@@ -171,9 +177,9 @@ def run_child(method: str, n: int, d_gex: int, d_img: int, batch_size: int, max_
 
 
 def largest_batch_size(method: str, n: int = 71_000, d_gex: int = 512, d_img: int = 1536, device: str = "cpu",
-                       mem_limit_gib: float = 8.0, start: int = 32, max_steps: int = 3, threads: int | None = 1,
+                       mem_limit_gib: float = 8.0, start: int = 32, max_steps: int = 2, threads: int | None = 1,
                        params: dict | None = None, timeout: float = 600.0) -> tuple[int, list[dict]]:
-    """Largest power-of-two multiple of ``start`` (up to n) whose training step fits ``mem_limit_gib``.
+    """Largest batch among start·2^k (and n itself, one step per epoch) whose training step fits ``mem_limit_gib``.
 
     Doubles the batch, timing ``max_steps`` steps of each in a child process (:func:`run_child`). Memory is the
     child's peak RSS on CPU (inputs included) or the peak CUDA allocation on a GPU. Before each doubling the
@@ -189,9 +195,12 @@ def largest_batch_size(method: str, n: int = 71_000, d_gex: int = 512, d_img: in
             break
         tried.append(res)
         best = b
-        if prev is not None and res[key] + 3 * (res[key] - prev) > mem_limit_gib:
+        if b == n:
+            break
+        nxt = n if b * 2 > n else b * 2  # the full batch as the last candidate
+        if prev is not None and res[key] + (nxt / b) ** 2 * (res[key] - prev) > mem_limit_gib:
             break  # quadratic growth: doubling B multiplies the B-dependent part by up to 4
-        prev, b = res[key], b * 2
+        prev, b = res[key], nxt
     return best, tried
 
 
@@ -204,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--params", default="{}", help="training parameters as one JSON object")
     args = ap.parse_args(argv)
     res = benchmark_training(args.method, args.n, args.d_gex, args.d_img, args.batch_size, args.epochs, args.device,
-                             args.max_steps, json.loads(args.params), args.threads)
+                             args.max_steps, json.loads(args.params), args.threads, warmup_steps=args.warmup_steps)
     print(json.dumps(res))
     return 0
 

@@ -10,6 +10,7 @@ ANALYSIS_DEFAULTS = {
         "n_eval_samples": None,
         "alpha": 0.05,
         "spectral_gap_threshold": 0.01,
+        "null_permutation": "within_slide",
         "plot_max_rank": 20,
     },
     "spatial_consistency": {

@@ -1,6 +1,7 @@
 # Spectral analysis: the canonical correlations (singular values of the whitened cross-covariance) between the
 # unimodal embeddings and between each method's two projected views, against a permutation null
-# (workflow_scripts/analysis/spectral.py).
+# (workflow_scripts/analysis/spectral.py). The null permutes spots within slides (config spectral.null), so the
+# slide of each spot comes from the spot table.
 
 
 rule spectral_unimodal:
@@ -8,6 +9,7 @@ rule spectral_unimodal:
     input:
         gex=lambda wc: embedding_file(wc.dataset, "gex"),
         img=lambda wc: embedding_file(wc.dataset, "img"),
+        spots="results/{dataset}/spots.h5ad",
     output:
         "results/{dataset}/spectral/unimodal.tsv",
     log:
@@ -21,14 +23,15 @@ rule spectral_unimodal:
         spectral=spectral_params(),
         seed=SEEDS[0],
     shell:
-        "python -m workflow_scripts.analysis.spectral unimodal --gex {input.gex} --img {input.img} --dataset {wildcards.dataset}"
-        " --seed {params.seed} --params {params.spectral:q} --out {output} --log {log}"
+        "python -m workflow_scripts.analysis.spectral unimodal --gex {input.gex} --img {input.img} --spots {input.spots}"
+        " --dataset {wildcards.dataset} --seed {params.seed} --params {params.spectral:q} --out {output} --log {log}"
 
 
 rule spectral_views:
-    """Spectrum between a method's two projected views (what its objective aligns)."""
+    """Spectrum between a method's two projected views (what its objective aligns), on every spot (transductive)."""
     input:
-        "results/{dataset}/aligned/{method}/seed{seed}.views.npz",
+        views="results/{dataset}/aligned/{method}/seed{seed}.views.npz",
+        spots="results/{dataset}/spots.h5ad",
     output:
         "results/{dataset}/spectral/{method}/seed{seed}.tsv",
     log:
@@ -41,8 +44,9 @@ rule spectral_views:
     params:
         spectral=spectral_params(),
     shell:
-        "python -m workflow_scripts.analysis.spectral views --views {input} --method {wildcards.method}"
-        " --dataset {wildcards.dataset} --seed {wildcards.seed} --params {params.spectral:q} --out {output} --log {log}"
+        "python -m workflow_scripts.analysis.spectral views --views {input.views} --rows all --spots {input.spots}"
+        " --method {wildcards.method} --dataset {wildcards.dataset} --seed {wildcards.seed} --params {params.spectral:q}"
+        " --out {output} --log {log}"
 
 
 rule collect_spectral:

@@ -122,6 +122,12 @@ def test_fit_mask_never_sees_held_out_spots(method):
     assert not np.allclose(a.z3[~mask], b.z3[~mask])
     for k, v in a.state["state_dict"].items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(b.state["state_dict"][k]))
+    # the input standardisation is estimated on (the training split of) the fitted rows only
+    for k, v in a.state["input_scaling"].items():
+        np.testing.assert_array_equal(v.numpy(), b.state["input_scaling"][k].numpy())
+    fitted = gex[mask].astype(np.float64)
+    if method == "simclr":  # trained on every fitted row
+        np.testing.assert_allclose(a.state["input_scaling"]["mean_gex"].numpy(), fitted.mean(0), rtol=1e-6)
 
 
 def test_cli_fit_spots_writes_mask(tmp_path, tables):

@@ -13,16 +13,26 @@ import torch.nn.functional as F
 from lightly.loss import BarlowTwinsLoss
 
 from workflow_scripts.methods import (
+    METHOD_DEFAULTS,
     METHODS,
     MODELS,
     SPECTRAL_METHODS,
+    apply_input_scaling,
     build_model,
     embed_with_state,
     fit_method,
 )
 from workflow_scripts.methods.barlow_twins import barlow_twins_loss
+from workflow_scripts.methods.cca import fit_linear_cca
 from workflow_scripts.methods.dcca import dcca_loss
-from workflow_scripts.methods.training import SmoothedEarlyStopping
+from workflow_scripts.methods.comm import CrossAttentionBlock
+from workflow_scripts.methods.training import (
+    SmoothedEarlyStopping,
+    make_optimizer,
+    resolve_params,
+    run_epoch,
+    split_indices,
+)
 
 torch.set_num_threads(1)
 
@@ -72,6 +82,7 @@ def test_training_lowers_the_objective(method, toy):
     init = build_model(method, D_IMG, D_GEX, p)
     trained = copy.deepcopy(init)
     trained.load_state_dict(res.state["state_dict"])
+    img, gex = apply_input_scaling(res.state["input_scaling"], img, gex)  # what the model was trained on
     before, after = full_batch_loss(init, img, gex), full_batch_loss(trained, img, gex)
     assert after < before - 0.05 * abs(before), (method, before, after)
     h = res.history
@@ -116,6 +127,76 @@ def test_z3_shape_finite_and_deterministic(method, toy):
         np.testing.assert_allclose(z3, a.z3, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", NEURAL)
+def test_run_epoch_matches_the_per_batch_loop(method, toy):
+    """One gathered copy per epoch, batches as slices, losses read once per epoch: the same losses and weights,
+    bit for bit, as indexing every batch and reading every loss at once (the straightforward loop)."""
+    gex, img = toy
+    p = resolve_params(method, params(method), METHOD_DEFAULTS[method])
+    torch.manual_seed(0)
+    fast = build_model(method, D_IMG, D_GEX, p)
+    slow = copy.deepcopy(fast)
+    xi, xg = torch.as_tensor(img), torch.as_tensor(gex)
+    for m in (fast, slow):
+        m.prepare(xi, xg)
+    opt_fast, opt_slow = make_optimizer(fast, p), make_optimizer(slow, p)
+    rng, bs = np.random.default_rng(0), p["batch_size"]
+    for epoch in range(2):
+        order = rng.permutation(N)
+        torch.manual_seed(epoch)
+        got = run_epoch(fast, opt_fast, xi, xg, order, bs)
+        torch.manual_seed(epoch)
+        slow.train()
+        want = []
+        for s in range(0, N - bs + 1, bs):
+            b = order[s : s + bs]
+            loss = slow.loss(xi[b], xg[b])
+            opt_slow.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_slow.step()
+            slow.after_step()
+            want.append(float(loss.detach()))
+        assert got == want and len(got) == N // bs
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, slow.state_dict()[k]), k
+    assert len(run_epoch(fast, opt_fast, xi, xg, rng.permutation(N), bs, max_steps=3)) == 3
+
+
+def test_comm_single_token_attention_equals_multihead_attention():
+    """With one key token the attention weights are exactly 1: out_proj(W_v y) is MHA's value and gradient."""
+    torch.manual_seed(0)
+    blk = CrossAttentionBlock(64, 8)
+    x, y = torch.randn(32, 1, 64), torch.randn(32, 1, 64)
+    for training in (True, False):
+        blk.train(training)
+        grads = []
+        for short in (True, False):
+            blk.zero_grad()
+            xn, yn = blk.ln_x(x), blk.ln_y(y)
+            out = blk.attend(xn, yn) if short else blk.attn(xn, yn, yn, need_weights=False)[0]
+            (out**2).sum().backward()
+            grads.append((out.detach(), blk.attn.in_proj_weight.grad.clone(), blk.attn.out_proj.weight.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert grads[1][1][:128].abs().max() == 0  # query/key projections get no gradient in MHA either
+    # several key tokens or attention dropout: the full module
+    blk.train()
+    y3 = torch.randn(32, 3, 64)
+    torch.testing.assert_close(blk.attend(x, y3), blk.attn(x, y3, y3, need_weights=False)[0])
+
+
+def test_dim_critic_by_modality_equals_the_pairwise_critic():
+    torch.manual_seed(0)
+    model = build_model("dim", D_IMG, D_GEX, {"projection_dim": P, "hidden_dim": 32})
+    zi, zg = torch.randn(40, P, requires_grad=True), torch.randn(40, P, requires_grad=True)
+    fast, slow = model.scores(zi, zg), model.scores_pairwise(zi, zg)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    g_fast = torch.autograd.grad(fast.logsumexp(1).sum(), [zi, zg, model.critic[0].weight])
+    g_slow = torch.autograd.grad(slow.logsumexp(1).sum(), [zi, zg, model.critic[0].weight])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_spectral_methods_listed():
     assert set(SPECTRAL_METHODS) <= set(METHODS) and len(METHODS) == 10
 
@@ -140,6 +221,89 @@ def test_cca_recovers_planted_canonical_correlations():
     # canonical variates are whitened within each view
     np.testing.assert_allclose(np.cov(z_img[:, :3].T), np.eye(3), atol=0.1)
     assert res.history["val_loss"].iloc[0] == pytest.approx(-r.sum(), abs=0.1)
+
+
+def planted_cca(n: int, rho: np.ndarray, d_img: int = 10, d_gex: int = 8, seed: int = 0):
+    """Views with canonical correlations ``rho`` (on the first len(rho) latent pairs, identity mixing) and
+    unit-variance features."""
+    rng = np.random.default_rng(seed)
+    k = len(rho)
+    u = rng.standard_normal((n, k))
+    v = rho * u + np.sqrt(1 - rho**2) * rng.standard_normal((n, k))
+    img = np.hstack([u, rng.standard_normal((n, d_img - k))])
+    gex = np.hstack([v, rng.standard_normal((n, d_gex - k))])
+    return img, gex
+
+
+def test_cca_recovers_planted_correlations_when_feature_scales_differ():
+    """Morphology-like inputs: IMG feature SDs from 0.001 to 500, the shared directions on the smallest ones."""
+    rho = np.array([0.9, 0.7, 0.5])
+    img, gex = planted_cca(6000, rho, seed=2)
+    sds = np.logspace(-3, np.log10(500), img.shape[1])  # 0.001 ... 500, smallest first
+    img = (img * sds + 10.0).astype(np.float32)
+    res = fit_method("cca", gex.astype(np.float32), img, {"projection_dim": 256}, seed=0, progress=False)
+    np.testing.assert_allclose(res.state["state_dict"]["corr"][:3].numpy(), rho, atol=0.04)
+    z_img, z_gex = res.views
+    val = np.setdiff1d(np.arange(6000), split_indices(6000, "cca", {"val_fraction": 0.15},
+                                                      np.random.default_rng(0))[0])
+    r_val = [np.corrcoef(z_img[val, i], z_gex[val, i])[0, 1] for i in range(3)]
+    np.testing.assert_allclose(r_val, rho, atol=0.06)  # held-out spots too
+    # the reference's absolute ridge of 1e-4 on the raw inputs swamps the features with variance 1e-6 ... 1e-4
+    ref = fit_linear_cca(img, gex, 3, reg=1e-4, relative=False)
+    assert ref.corr[0] < 0.5 and ref.corr[2] < 0.1, ref.corr
+    # a ridge relative to the raw view's mean variance (dominated by the SD-500 feature) does no better:
+    # standardising the features first is what recovers them
+    assert fit_linear_cca(img, gex, 3, reg=1e-4).corr[2] < 0.1
+
+
+def test_cca_relative_ridge_is_invariant_to_rescaling_a_view():
+    img, gex = planted_cca(2000, np.array([0.8, 0.4]), seed=3)
+    base = fit_linear_cca(img, gex, 2, reg=1e-2)
+    for scale in (1e-3, 1e3):
+        scaled = fit_linear_cca(img * scale, gex, 2, reg=1e-2)
+        np.testing.assert_allclose(scaled.corr, base.corr, rtol=1e-8)
+        # the reference's absolute ridge is not invariant (here visibly so: reg = 1e-2 on variances 1e-6 or 1e6)
+        assert not np.allclose(fit_linear_cca(img * scale, gex, 2, reg=1e-2, relative=False).corr, base.corr,
+                               rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["cca", "dim", "simclr"])
+def test_standardisation_statistics_come_from_the_training_rows_only(method, toy):
+    gex, img = toy
+    p = params(method, max_epochs=2)
+    a = fit_method(method, gex, img, p, seed=5, device="cpu", progress=False)
+    train = split_indices(N, method, {"val_fraction": 0.15, "val_fraction_unsupervised": 0.1},
+                          np.random.default_rng(5))[0]
+    sc = a.state["input_scaling"]
+    np.testing.assert_allclose(sc["mean_img"].numpy(), img[train].astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sc["sd_gex"].numpy(), gex[train].astype(np.float64).std(0), rtol=1e-6)
+    if method == "simclr":
+        assert len(train) == N  # unsupervised methods train on every spot (validation overlaps)
+        return
+    # perturbing the held-out validation rows changes no statistic
+    held = np.setdiff1d(np.arange(N), train)
+    gex2, img2 = gex.copy(), img.copy()
+    gex2[held] *= 50.0
+    img2[held] += 1e3
+    b = fit_method(method, gex2, img2, p, seed=5, device="cpu", progress=False)
+    for k in sc:
+        np.testing.assert_array_equal(sc[k].numpy(), b.state["input_scaling"][k].numpy())
+
+
+def test_inputs_are_standardised_unless_switched_off(toy, caplog):
+    gex, img = toy
+    img = img * np.logspace(-3, 3, img.shape[1], dtype=np.float32)
+    img[:, 2] = 7.0  # constant: centred only, counted in the log
+    on = fit_method("cca", gex, img, {"projection_dim": P}, seed=0, progress=False)
+    assert "1 of 16 features are constant" in caplog.text
+    assert on.state["input_scaling"]["sd_img"][2] == 1.0
+    off = fit_method("cca", gex, img, {"projection_dim": P, "standardize": False}, seed=0, progress=False)
+    assert off.state["input_scaling"] is None and off.state["params"]["standardize"] is False
+    assert not np.allclose(on.state["state_dict"]["corr"].numpy(), off.state["state_dict"]["corr"].numpy())
+    cat = fit_method("concat", gex, img, {}, seed=0, progress=False)  # concat stays the raw concatenation
+    np.testing.assert_array_equal(cat.z3, np.concatenate([img, gex], axis=1))
+    with pytest.raises(ValueError, match="standardize"):
+        fit_method("cca", gex, img, {"standardize": "yes"}, seed=0)
 
 
 def _whitened_pair(m: int, rho: np.ndarray, seed: int = 0):
@@ -305,6 +469,22 @@ def test_smoothed_early_stopping_monitor():
     assert u4.smooth == pytest.approx(0.75) and not u4.improved
     u5 = mon.update(1.75, 5)  # smooth rises to 1.25
     assert u5.smooth == pytest.approx(1.25) and u5.stop and mon.n_skipped == 2
+
+
+def test_min_delta_counts_only_relative_improvements():
+    losses = [10.0, 9.0, 8.99, 8.98, 8.97, 8.96, 8.95]  # after epoch 2 each step gains 0.1 %
+    plain = SmoothedEarlyStopping(smoothing=0.0, patience=3)
+    strict = SmoothedEarlyStopping(smoothing=0.0, patience=3, min_delta=0.005)  # 0.5 % of the reference value
+    ups = [(plain.update(v, e + 1), strict.update(v, e + 1)) for e, v in enumerate(losses)]
+    assert not any(u[0].stop for u in ups)  # every strict decrease resets the patience
+    # 8.99 ... 8.96 are within 0.5 % of 9.0 (three of them stop the run); 8.95 is 0.56 % below and resets
+    assert [u[1].stop for u in ups] == [False, False, False, False, True, True, False]
+    # the state to restore is still the lowest loss seen
+    assert all(u[1].improved for u in ups) and strict.best == 8.95 and strict.best_epoch == 7
+    neg = SmoothedEarlyStopping(smoothing=0.0, patience=2, min_delta=0.01)  # negative losses (CCA, DCCA)
+    neg.update(-30.0, 1)
+    assert neg.update(-30.2, 2).improved and neg.wait == 1 and neg.reference == -30.0  # 0.7 % < 1 %
+    assert not neg.update(-30.5, 3).stop and neg.wait == 0 and neg.reference == -30.5  # 1.7 % > 1 %
 
 
 def test_early_stopping_triggers_on_plateau(toy):

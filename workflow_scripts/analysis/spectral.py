@@ -19,7 +19,19 @@ Definitions (for views X (n × p) and Y (n × q) of the same n spots, rows paire
   spectrum of Σxy of the per-feature standardised views is used instead (not invariant).
 * Permutation null of the spectrum (``n_permutations``, reference config 100): the pairing is destroyed by
   permuting the rows of Y; with the whitened bases computed once, each permutation costs one p'×n·n×q'
-  product. For each rank k the null distribution of s_k gives the median and the α … 1−α quantile band drawn
+  product.
+* Slides (``null_permutation``). ``global`` permutes across all spots, as the reference does; a direction that
+  merely separates slides in both views (slide identity explains about a fifth of the GEX and a third of the
+  IMG variance on the default HER2ST sections) then passes as paired signal, although it rests on as many
+  independent units as there are slides. ``within_slide`` (default) treats the slide as a nuisance variable:
+  each slide's mean is removed from both views (the regression of both sets on the nuisance in Winkler et al.,
+  "Permutation inference for canonical correlation analysis", NeuroImage 2020), and the rows are permuted
+  within each slide only (exchangeability blocks, Winkler et al., "Permutation inference for the general
+  linear model", NeuroImage 2014; :func:`row_permutations`). The spectrum is then that of the within-slide
+  canonical correlations, and the test asks whether spots are paired beyond their slide. Removing the slide
+  means matters: with them left in, the between-slide part of the cross-covariance is the same in every
+  within-slide permutation, a slide direction that ranks above a spot-level one stops the sequential test early,
+  and the deflated residuals of the later ranks no longer follow the null (tests/test_spectral.py). For each rank k the null distribution of s_k gives the median and the α … 1−α quantile band drawn
   in the figure ("shuffled-pairing spectrum").
 * Number of signal directions K: a sequential permutation test with deflation (in the spirit of Winkler et al.,
   "Permutation inference for canonical correlation analysis", NeuroImage 2020: test each canonical
@@ -39,13 +51,17 @@ Definitions (for views X (n × p) and Y (n × q) of the same n spots, rows paire
   (``null``: all spots). Note that the noise floor of sample canonical correlations grows with (p'+q')/n,
   which is why the permutation null, not a fixed threshold, decides significance.
 
-Caveat for the methods' projected views: they are evaluated on the spots the method was trained on
-(transductive, as every analysis of the study), so a view trained to correlate (CCA, DCCA) can exceed the
-shuffled-pairing null through overfitting when n is not much larger than the view dimension.
+Methods' projected views and held-out spots: a view trained to correlate (CCA, DCCA) exceeds the
+shuffled-pairing null through overfitting on the spots it was trained on, when n is not much larger than the
+view dimension. The views npz written by the align CLI carries ``fit_mask`` (True = spot used to fit the
+interface); :func:`load_views` with ``rows="held_out"`` keeps only the spots with ``fit_mask == False`` and
+concatenates them over several files (one per outer fold of the inductive protocol: each spot is held out in
+exactly one fold), so the spectrum is measured on spots the interface never saw. ``rows="all"`` (the
+transductive protocol of the study) keeps every row.
 
 Outputs: a per-rank table (``rank, singular_value, null_median, null_lo, null_hi, p_value, significant``)
 and a one-row summary (``n_significant, gap_at_k, largest_gap, largest_gap_rank, n_excess, sum_sq_significant,
-top_singular_value, p_eff, q_eff, n``). The CLI writes both as one TSV (summary values repeated on every row).
+top_singular_value, p_eff, q_eff, n, n_slides, null_permutation, rows``). The CLI writes both as one TSV (summary values repeated on every row).
 """
 
 from __future__ import annotations
@@ -75,14 +91,19 @@ DEFAULTS = {
     "n_eval_samples": None,
     "alpha": 0.05,
     "spectral_gap_threshold": 0.01,
+    "null_permutation": "within_slide",
 }
+#: Permutation nulls (``config: spectral.null_permutation``): within each slide (default) or across all spots (reference).
+NULLS = ("within_slide", "global")
+#: Which rows of a views npz are analysed: every row, or only those with ``fit_mask == False``.
+ROWS = ("all", "held_out")
 
 TABLE_COLUMNS = [
     "rank", "singular_value", "null_median", "null_lo", "null_hi", "p_value", "significant",
 ]
 SUMMARY_COLUMNS = [
     "n_significant", "gap_at_k", "largest_gap", "largest_gap_rank", "n_excess", "sum_sq_significant",
-    "top_singular_value", "p_eff", "q_eff", "n",
+    "top_singular_value", "p_eff", "q_eff", "n", "n_slides", "null_permutation", "rows",
 ]
 
 
@@ -99,6 +120,9 @@ def check_params(params: Mapping | None) -> dict:
         raise ValueError(f"spectral.alpha must be in (0, 1), got {p['alpha']!r}")
     if float(p["regularization"]) < 0 or float(p["rank_tol"]) < 0:
         raise ValueError("spectral.regularization and spectral.rank_tol must be >= 0")
+    if p["null_permutation"] not in NULLS:
+        raise ValueError(f"spectral.null_permutation must be one of {list(NULLS)}, got {p['null_permutation']!r} "
+                         "(fix config `spectral.null_permutation`)")
     if p["n_eval_samples"] is not None and int(p["n_eval_samples"]) < 3:
         raise ValueError(f"spectral.n_eval_samples must be null or >= 3, got {p['n_eval_samples']!r}")
     return p
@@ -251,6 +275,36 @@ def sequential_pvalues(a: np.ndarray, b: np.ndarray, alpha: float, perms: Sequen
     return pv
 
 
+def remove_group_means(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``x`` (n, p) minus the mean of its group in every row (e.g. each slide's mean): the residual of the
+    regression of every column on group indicators. Returns (n, p) float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return x - pd.DataFrame(x).groupby(np.asarray(groups)).transform("mean").to_numpy()
+
+
+def row_permutations(n: int, n_permutations: int, rng: np.random.Generator,
+                     groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """``n_permutations`` random permutations of range(n), each mapping every row to a row of its own group.
+
+    ``groups`` (n,) labels (e.g. the slide of each spot; exchangeability blocks, Winkler et al. 2014); None
+    permutes across all rows. A permutation π is applied as ``y[π]``: row i is paired with row π[i], and
+    ``groups[π] == groups`` holds exactly. Raises ValueError when ``groups`` has the wrong length.
+    """
+    if groups is None:
+        return [rng.permutation(n) for _ in range(n_permutations)]
+    codes = pd.factorize(np.asarray(groups))[0]
+    if codes.shape != (n,):
+        raise ValueError(f"groups must have one label per row ({n}), got shape {np.shape(groups)}")
+    base = np.argsort(codes, kind="stable")  # rows listed group by group
+    perms = []
+    for _ in range(n_permutations):
+        order = np.lexsort((rng.random(n), codes))  # the same group blocks, rows shuffled inside each block
+        perm = np.empty(n, dtype=np.int64)
+        perm[base] = order
+        perms.append(perm)
+    return perms
+
+
 def spectral_gaps(s: np.ndarray, k: int) -> dict:
     """Gap statistics of a descending spectrum ``s`` (r,) given K = ``k`` signal directions.
 
@@ -269,17 +323,20 @@ def spectral_gaps(s: np.ndarray, k: int) -> dict:
 
 
 def cross_spectrum(x: np.ndarray, y: np.ndarray, params: Mapping | None = None, seed: int = 0,
-                   progress: bool = True, what: str = "views") -> Spectrum:
+                   progress: bool = True, what: str = "views", slides: np.ndarray | None = None) -> Spectrum:
     """Spectrum of the whitened cross-covariance of paired views with a permutation null (module docstring).
 
     Parameters
     ----------
     x : (n, p) first view (e.g. the GEX embedding), rows paired with ``y``.
     y : (n, q) second view (e.g. the IMG embedding).
-    params : ``config: spectral`` (see :data:`DEFAULTS`).
+    params : ``config: spectral`` (see :data:`DEFAULTS`); ``null_permutation`` chooses within-slide or global permutations.
     seed : seeds the spot subsample (``n_eval_samples``) and the permutations.
+    slides : (n,) slide of each row; required by ``null_permutation: within_slide`` (slide means are removed from
+        both views and rows permuted within slides), ignored by ``global``.
 
-    Returns a :class:`Spectrum`. Raises ValueError for unpaired or non-finite inputs or fewer than 3 rows.
+    Returns a :class:`Spectrum`. Raises ValueError for unpaired or non-finite inputs, fewer than 3 rows, or
+    ``null_permutation: within_slide`` without ``slides`` (or with a ``slides`` of the wrong length).
     """
     p = check_params(params)
     x = np.asarray(x, dtype=np.float64)
@@ -288,18 +345,39 @@ def cross_spectrum(x: np.ndarray, y: np.ndarray, params: Mapping | None = None, 
         raise ValueError(f"{what}: views must be 2-D with the same number of rows, got {x.shape} and {y.shape}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError(f"{what}: views contain NaN/inf; drop those rows first (io.drop_invalid_rows)")
-    rng = np.random.default_rng(seed)
     n_all = x.shape[0]
+    if p["null_permutation"] == "within_slide":
+        if slides is None:
+            raise ValueError(f"{what}: spectral.null_permutation is 'within_slide' but no slide labels were given; pass the "
+                             "slide of each spot (CLI: --spots results/{dataset}/spots.h5ad) or set spectral.null_permutation: global")
+        slides = np.asarray(slides)
+        if slides.shape != (n_all,):
+            raise ValueError(f"{what}: {len(slides)} slide labels for {n_all} rows")
+    else:
+        slides = None
+    rng = np.random.default_rng(seed)
     if p["n_eval_samples"] is not None and int(p["n_eval_samples"]) < n_all:
         idx = np.sort(rng.choice(n_all, int(p["n_eval_samples"]), replace=False))
         log.info("%s: %d of %d spots drawn for the analysis (n_eval_samples)", what, len(idx), n_all)
         x, y = x[idx], y[idx]
+        slides = None if slides is None else slides[idx]
     n = x.shape[0]
+    n_slides = 0 if slides is None else int(pd.unique(slides).size)
+    if slides is not None:
+        sizes = pd.Series(slides).value_counts()
+        log.info("%s: slide means removed from both views; permutation null within %d slides (spots per slide "
+                 "%d to %d)", what, n_slides, int(sizes.min()), int(sizes.max()))
+        if (sizes < 2).any():
+            log.warning("%s: %d slide(s) have a single spot, which no within-slide permutation can move (its "
+                        "centred values are 0)", what, int((sizes < 2).sum()))
+        x, y = remove_group_means(x, slides), remove_group_means(y, slides)
+    else:
+        log.info("%s: permutation null across all %d spots (global)", what, n)
     a = whitened_basis(x, p["regularization"], p["rank_tol"], p["use_whitening"], f"{what} X")
     b = whitened_basis(y, p["regularization"], p["rank_tol"], p["use_whitening"], f"{what} Y")
     s = _cross_sv(a, b)
     B = int(p["n_permutations"])
-    perms = [rng.permutation(n) for _ in range(B)]
+    perms = row_permutations(n, B, rng, slides)
     null = np.empty((B, len(s)))
     keep = B * a.shape[1] * b.shape[1] * 8 <= CACHE_BYTES
     cross = []
@@ -321,9 +399,12 @@ def cross_spectrum(x: np.ndarray, y: np.ndarray, params: Mapping | None = None, 
         "p_eff": a.shape[1],
         "q_eff": b.shape[1],
         "n": n,
+        "n_slides": n_slides,
+        "null_permutation": p["null_permutation"],
+        "rows": "all",
     }
-    log.info("%s: n=%d, p'=%d, q'=%d; s1=%.4f; %d significant direction(s) at alpha=%.3g (%d permutations); "
-             "gap at K %.4f", what, n, a.shape[1], b.shape[1], s[0], k, alpha, B, summary["gap_at_k"])
+    log.info("%s: n=%d, p'=%d, q'=%d; s1=%.4f; %d significant direction(s) at alpha=%.3g (%d %s permutations); "
+             "gap at K %.4f", what, n, a.shape[1], b.shape[1], s[0], k, alpha, B, p["null_permutation"], summary["gap_at_k"])
     return Spectrum(s, null, pv, k, alpha, float(p["spectral_gap_threshold"]), a.shape[1], b.shape[1], n, summary)
 
 
@@ -341,12 +422,14 @@ def spectrum_frame(spec: Spectrum, meta: Mapping) -> pd.DataFrame:
 VIEW_KEYS = (("img", "gex"), ("view_img", "view_gex"))
 
 
-def load_views_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read ``results/{dataset}/aligned/{method}/seed{seed}.views.npz``: arrays ``spot_id`` (n,) and the two
-    projected views (n × P each) named ``img``/``gex`` or ``view_img``/``view_gex`` (:data:`VIEW_KEYS`).
+def load_views_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read one views file (``results/{dataset}/aligned/{method}/seed{seed}.views.npz``, written by the align CLI).
 
-    Rows with a non-finite value in either view are dropped (counted in the log).
-    Raises FileNotFoundError naming the file, KeyError when the arrays are absent (e.g. concat has no views).
+    Arrays: ``spot_id`` (n,), the two projected views (n × P each) named ``img``/``gex`` or
+    ``view_img``/``view_gex`` (:data:`VIEW_KEYS`) and ``fit_mask`` (n,) bool, True where the spot was used to
+    fit the interface (files without it, written before it existed, count as all True; logged).
+    Returns (spot_id, img, gex, fit_mask), all rows. Raises FileNotFoundError naming the file, KeyError when the
+    view arrays are absent (concat and random have none), ValueError when the arrays differ in rows.
     """
     path = Path(path)
     if not path.exists():
@@ -357,12 +440,81 @@ def load_views_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
             raise KeyError(f"{path}: expected arrays spot_id and img/gex (or view_img/view_gex); found {z.files} "
                            "(methods without projected views, concat and random, cannot be analysed)")
         ids, img, gex = z["spot_id"].astype(str), z[keys[0]], z[keys[1]]
-    if not (len(ids) == img.shape[0] == gex.shape[0]):
-        raise ValueError(f"{path}: spot_id ({len(ids)}), img {img.shape} and gex {gex.shape} differ in rows")
+        if "fit_mask" in z.files:
+            fit = z["fit_mask"].astype(bool)
+        else:
+            log.warning("%s: no fit_mask array (written by an older align); every spot counts as a fitting spot", path)
+            fit = np.ones(len(ids), dtype=bool)
+    if not (len(ids) == img.shape[0] == gex.shape[0] == len(fit)):
+        raise ValueError(f"{path}: spot_id ({len(ids)}), img {img.shape}, gex {gex.shape} and fit_mask "
+                         f"({len(fit)}) differ in rows")
+    return ids, img, gex, fit
+
+
+def load_views(paths: Sequence[str | Path], rows: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of one method's views from one or several npz files (:func:`load_views_npz`), concatenated.
+
+    ``rows="all"``: every row of every file (transductive protocol: one file, every spot fitted).
+    ``rows="held_out"``: only rows with ``fit_mask == False``, i.e. spots the interface was not fitted on; with
+    one file per outer fold of the inductive protocol each spot is held out in exactly one fold, so the union is
+    every spot once. The rows kept from each file are counted in the log; rows with a non-finite value in either
+    view are then dropped (counted in the log).
+    Returns (spot_id (m,), img (m, P), gex (m, P)). Raises ValueError for an unknown ``rows``, files with
+    different view dimensions, a spot kept from two files, or when no row is left (e.g. ``held_out`` on
+    transductive views, where every spot was fitted).
+    """
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {list(ROWS)}, got {rows!r}")
+    if not paths:
+        raise ValueError("no views file given")
+    parts = []
+    for path in paths:
+        ids, img, gex, fit = load_views_npz(path)
+        keep = ~fit if rows == "held_out" else np.ones(len(ids), dtype=bool)
+        log.info("%s: %d of %d rows used (%s; %d fitted, %d held out)", path, int(keep.sum()), len(ids), rows,
+                 int(fit.sum()), int((~fit).sum()))
+        if parts and (img.shape[1], gex.shape[1]) != (parts[0][1].shape[1], parts[0][2].shape[1]):
+            raise ValueError(f"{path}: views of dimension {img.shape[1]}/{gex.shape[1]}, but {paths[0]} has "
+                             f"{parts[0][1].shape[1]}/{parts[0][2].shape[1]}; all files must come from one method")
+        parts.append((ids[keep], img[keep], gex[keep]))
+    ids = np.concatenate([q[0] for q in parts])
+    img = np.concatenate([q[1] for q in parts])
+    gex = np.concatenate([q[2] for q in parts])
+    if len(ids) == 0:
+        what = "held-out (fit_mask == False)" if rows == "held_out" else ""
+        raise ValueError(f"no {what} rows in {[str(p) for p in paths]}: "
+                         + ("every spot was used to fit the interface (transductive views); give the views of the "
+                            "inductive protocol's outer folds, or analyse all rows (--rows all)"
+                            if rows == "held_out" else "the files are empty"))
+    dup = pd.Index(ids).duplicated()
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} spot(s) appear in more than one of {[str(p) for p in paths]} "
+                         f"(e.g. {ids[dup][0]!r}); each spot must be held out in exactly one outer fold")
     ok = np.isfinite(img).all(axis=1) & np.isfinite(gex).all(axis=1)
     if (~ok).sum():
-        log.warning("%s: %d of %d spots have non-finite views and are dropped", path, int((~ok).sum()), len(ok))
+        log.warning("%d of %d spots have non-finite views and are dropped", int((~ok).sum()), len(ok))
+    log.info("views: %d rows from %d file(s)", int(ok.sum()), len(paths))
     return ids[ok], img[ok], gex[ok]
+
+
+def read_slides(spots: str | Path, spot_ids: Sequence[str]) -> np.ndarray:
+    """Slide of each spot: ``obs['slide']`` of the spot table ``results/{dataset}/spots.h5ad``, in the order of
+    ``spot_ids``. Raises FileNotFoundError naming the file, KeyError when it has no ``slide`` column, ValueError
+    naming the first spot ids that it lacks."""
+    import anndata as ad
+
+    spots = Path(spots)
+    if not spots.exists():
+        raise FileNotFoundError(f"spot table not found: {spots} (written by the prepare rule)")
+    obs = ad.read_h5ad(spots, backed="r").obs
+    if "slide" not in obs.columns:
+        raise KeyError(f"{spots}: obs has no 'slide' column (columns: {list(obs.columns)})")
+    slide = obs["slide"].astype(str)
+    missing = pd.Index(spot_ids).difference(slide.index)
+    if len(missing):
+        raise ValueError(f"{len(missing)} spot(s) of the embeddings are not in {spots} (e.g. {list(missing[:3])}); "
+                         "the embeddings and the spot table come from different runs")
+    return slide.reindex(pd.Index(spot_ids)).to_numpy()
 
 
 def collect(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -388,11 +540,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI.
 
     ``python -m workflow_scripts.analysis.spectral unimodal --gex GEX.parquet --img IMG.parquet --dataset D --params JSON
-    --seed S --out OUT.tsv --log LOG``: spectrum between the two unimodal embeddings (source ``unimodal``).
+    --seed S [--spots SPOTS.h5ad] --out OUT.tsv --log LOG``: spectrum between the two unimodal embeddings (source
+    ``unimodal``).
 
-    ``python -m workflow_scripts.analysis.spectral views --views V.npz --dataset D --method M --seed S --params JSON
-    --out OUT.tsv --log LOG``: spectrum between a method's two projected views (source = method).
-    Output of both: :func:`spectrum_frame` with leading columns ``dataset, source, seed``.
+    ``python -m workflow_scripts.analysis.spectral views --views V.npz [V2.npz ...] [--rows all|held_out] --dataset D
+    --method M --seed S --params JSON [--spots SPOTS.h5ad] --out OUT.tsv --log LOG``: spectrum between a method's two
+    projected views (source = method), on the rows chosen by ``--rows`` (:func:`load_views`; several files = one
+    per outer fold of the inductive protocol).
+
+    ``--spots`` (``results/{dataset}/spots.h5ad``) gives the slide of each spot; required when the params'
+    ``null_permutation`` is ``within_slide`` (the default). Output of both: :func:`spectrum_frame` with leading columns
+    ``dataset, source, seed``.
 
     ``python -m workflow_scripts.analysis.spectral collect --inputs A.tsv ... --out ALL.tsv --summary SUMMARY.tsv --log LOG``:
     :func:`collect`.
@@ -403,12 +561,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     u.add_argument("--gex", required=True)
     u.add_argument("--img", required=True)
     v = sub.add_parser("views", help="spectrum between a method's two projected views")
-    v.add_argument("--views", required=True, help="views npz (spot_id, img, gex)")
+    v.add_argument("--views", required=True, nargs="+",
+                   help="views npz (spot_id, view_img, view_gex, fit_mask); several = one per outer fold")
+    v.add_argument("--rows", choices=ROWS, default="all",
+                   help="all rows, or only the spots not used to fit the interface (fit_mask == False)")
     v.add_argument("--method", required=True)
     for s in (u, v):
         s.add_argument("--dataset", required=True)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--params", default="{}", help="JSON dict, config `spectral`")
+        s.add_argument("--spots", default=None, help="spot table with obs['slide'] (needed by null_permutation: within_slide)")
     c = sub.add_parser("collect", help="concatenate spectral tables and write their summary rows")
     c.add_argument("--inputs", nargs="+", required=True)
     c.add_argument("--summary", required=True)
@@ -424,18 +586,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             df.to_csv(out, sep="\t", index=False)
         log.info("collected %d spectra (%d ranks) into %s and %s", len(summary), len(table), args.out, args.summary)
         return
-    params = json_arg(args.params, "--params")
+    params = check_params(json_arg(args.params, "--params"))
+    if params["null_permutation"] == "within_slide" and not args.spots:
+        raise ValueError("spectral.null_permutation is 'within_slide': pass --spots results/{dataset}/spots.h5ad (the slide of "
+                         "each spot), or set spectral.null_permutation: global")
     if args.cmd == "unimodal":
         t = intersect_tables({
             "GEX": drop_invalid_rows(read_embedding(args.gex), f"GEX embedding {args.gex}"),
             "IMG": drop_invalid_rows(read_embedding(args.img), f"IMG embedding {args.img}"),
         })
-        spec = cross_spectrum(t["GEX"].to_numpy(), t["IMG"].to_numpy(), params, args.seed, what="GEX vs IMG")
-        source = "unimodal"
+        ids, x, y = t["GEX"].index, t["GEX"].to_numpy(), t["IMG"].to_numpy()
+        what, source, rows = "GEX vs IMG", "unimodal", "all"
     else:
-        _, img, gex = load_views_npz(args.views)
-        spec = cross_spectrum(gex, img, params, args.seed, what=f"{args.method} views")
-        source = args.method
+        ids, y, x = load_views(args.views, args.rows)
+        what, source, rows = f"{args.method} views", args.method, args.rows
+    slides = read_slides(args.spots, ids) if params["null_permutation"] == "within_slide" else None
+    spec = cross_spectrum(x, y, params, args.seed, what=what, slides=slides)
+    spec.summary["rows"] = rows
     df = spectrum_frame(spec, {"dataset": args.dataset, "source": source, "seed": args.seed})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, sep="\t", index=False)

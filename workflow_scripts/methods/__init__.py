@@ -25,7 +25,9 @@ random        N(0, 1) (seeded)                          d_gex + d_img  —      
 n(·) = L2 normalisation per spot. With the default offline inputs (d_gex = 50, d_img = 60, P = 256, D = 512):
 cca 100, dcca 100, comm 512, simclr/byol/simsiam/barlow_twins/vicreg/dim 512, concat 110, random 110.
 
-Deliberate deviations from the reference (each documented in its module): BYOL EMA target update (:mod:`.byol`);
+Deliberate deviations from the reference (each documented in its module): per-feature standardisation of both
+inputs with statistics of the fitting rows (:mod:`.standardize`; ``training.standardize``, not for concat);
+CCA's ridge relative to each view's mean variance (:mod:`.cca`); BYOL EMA target update (:mod:`.byol`);
 CoMM feature-level augmentations for two stochastic views (:mod:`.comm`); DCCA/CCA rank k = min(P, d_img, d_gex)
 (:mod:`.dcca`, :mod:`.cca`); once-per-epoch validation and run-seeded splits (:mod:`.training`).
 """
@@ -42,6 +44,8 @@ import torch
 from . import barlow_twins, byol, cca, comm, dcca, dim, simclr, simsiam, tensor_fusion, vicreg
 from .baselines import concat_embedding, random_embedding
 from .base import AlignModel
+from .benchmark import benchmark_training, largest_batch_size
+from .standardize import apply_input_scaling, fit_input_scaling
 from .training import HISTORY_COLUMNS, predict, resolve_device, resolve_params, split_indices, train_model
 
 log = logging.getLogger(__name__)
@@ -91,9 +95,10 @@ class AlignResult:
     ``z3``: (n, d3) float32 fused embedding, rows in input order.
     ``history``: one row per epoch, columns epoch, train_loss, val_loss, val_loss_smooth, lr (one row for cca,
     empty for concat/random).
-    ``state``: dict with ``state_dict`` (tensors: model weights, or the CCA matrices) and metadata (method, seed,
-    params, d_img, d_gex, d_z3, view_dim, best_epoch, best_val_loss_smooth, n_epochs, stopped_early, n_spots,
-    n_train, n_val); loadable with ``torch.load(..., weights_only=True)`` once saved.
+    ``state``: dict with ``state_dict`` (tensors: model weights, or the CCA matrices), ``input_scaling`` (the
+    per-feature means/SDs of :mod:`.standardize` as float64 tensors, or None when inputs are not standardised)
+    and metadata (method, seed, params, d_img, d_gex, d_z3, view_dim, best_epoch, best_val_loss_smooth, n_epochs,
+    stopped_early, n_spots, n_train, n_val); loadable with ``torch.load(..., weights_only=True)`` once saved.
     ``views``: (view_img, view_gex), each (n, view_dim) float32, the per-modality projections compared by the
     objective (table in the module docstring); None for concat and random.
     """
@@ -135,6 +140,7 @@ def _meta(method, seed, p, d_img, d_gex, d_z3, view_dim, n, **extra) -> dict:
         "n_train": 0,
         "n_val": 0,
         "state_dict": {},
+        "input_scaling": None,
     }
     meta.update(extra)
     return meta
@@ -165,8 +171,11 @@ def fit_method(
 
     ``z_gex`` (n, d_gex) and ``z_img`` (n, d_img): frozen embeddings, rows paired, finite.
     ``params``: the config's ``training`` block updated with ``training.method_params[method]`` (keys: batch_size,
-    max_epochs, lr, weight_decay, projection_dim, early_stopping_patience, ema_smoothing, val_fraction,
-    val_fraction_unsupervised, plus the method's own keys; ``device``/``threads``/``method_params`` are ignored).
+    max_epochs, lr, weight_decay, projection_dim, early_stopping_patience, min_delta, ema_smoothing,
+    val_fraction, val_fraction_unsupervised, standardize, plus the method's own keys;
+    ``device``/``threads``/``method_params`` are ignored). With ``standardize`` (default true) every feature of
+    both inputs is z-scored with the mean/SD of the method's training split (:mod:`.standardize`); concat and
+    random are never standardised.
     ``seed``: seeds torch (weights, augmentations) and numpy (split, batch order); same seed → same result.
     ``device``: "auto" (cuda if available else cpu), "cpu", "cuda", ...; ``progress``: tqdm bar on stderr.
     ``fit_mask``: optional (n,) boolean; when given, the method is fitted (training and validation split) on the
@@ -191,8 +200,15 @@ def fit_method(
     if method == "random":
         z3 = random_embedding(n, d_gex + d_img, seed)
         return AlignResult(z3, empty_history, _meta(method, seed, p, d_img, d_gex, z3.shape[1], None, n), None)
+    scaling = None
+    if p["standardize"]:
+        rows = split_indices(n, method, p, np.random.default_rng(seed))[0]  # the split the method itself draws
+        scaling = fit_input_scaling(z_img[rows], z_gex[rows])
+        z_img, z_gex = apply_input_scaling(scaling, z_img, z_gex)
     if method == "cca":
-        return _fit_cca(z_gex, z_img, p, seed)
+        res = _fit_cca(z_gex, z_img, p, seed)
+        res.state["input_scaling"] = scaling
+        return res
     if method == "tensor_fusion":
         tf_state = tensor_fusion.fit_tensor_fusion(z_img, z_gex, p["rank"])
         z3 = tensor_fusion.tensor_fusion_embedding(tf_state, z_img, z_gex)
@@ -200,6 +216,7 @@ def fit_method(
                  len(tf_state["gex"]["sd"]), z3.shape[1])
         flat = {k: torch.as_tensor(v) for k, v in tensor_fusion.state_to_flat(tf_state).items()}
         state = _meta(method, seed, p, d_img, d_gex, z3.shape[1], None, n, n_train=n, state_dict=flat)
+        state["input_scaling"] = scaling
         return AlignResult(z3, empty_history, state, None)
 
     dev = resolve_device(device)
@@ -219,7 +236,7 @@ def fit_method(
         method, seed, p, d_img, d_gex, model.z3_dim, model.view_dim, n,
         best_epoch=out.best_epoch, best_val_loss_smooth=out.best_val_loss_smooth, n_epochs=out.n_epochs,
         stopped_early=out.stopped_early, n_train=out.n_train, n_val=out.n_val,
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, input_scaling=scaling,
     )
     return AlignResult(z3, out.history, state, views)
 
@@ -267,8 +284,9 @@ def _fit_cca(z_gex: np.ndarray, z_img: np.ndarray, p: dict, seed: int) -> AlignR
 def embed_with_state(state: dict, z_gex: np.ndarray, z_img: np.ndarray, device: str = "auto"):
     """Apply a fitted method (``AlignResult.state`` or the dict saved by the align CLI) to new paired embeddings.
 
-    Returns (z3 (n, d3) float32, (view_img, view_gex) or None). Works for every method except ``random``
-    (whose values are not a function of the inputs; raises ValueError).
+    Returns (z3 (n, d3) float32, (view_img, view_gex) or None). The inputs are first standardised with the
+    state's ``input_scaling`` (the training rows' means/SDs), when it has one. Works for every method except
+    ``random`` (whose values are not a function of the inputs; raises ValueError).
     """
     method = state["method"]
     z_gex, z_img = _check_inputs(z_gex, z_img)
@@ -277,6 +295,7 @@ def embed_with_state(state: dict, z_gex: np.ndarray, z_img: np.ndarray, device: 
                          f"{z_img.shape[1]}, {z_gex.shape[1]}")
     if method == "concat":
         return concat_embedding(z_img, z_gex), None
+    z_img, z_gex = apply_input_scaling(state.get("input_scaling"), z_img, z_gex)
     if method == "tensor_fusion":
         tf_state = tensor_fusion.state_from_flat(state["state_dict"])
         return tensor_fusion.tensor_fusion_embedding(tf_state, z_img, z_gex), None
@@ -306,4 +325,7 @@ __all__ = [
     "build_model",
     "fit_method",
     "embed_with_state",
+    "apply_input_scaling",
+    "benchmark_training",
+    "largest_batch_size",
 ]

@@ -4,7 +4,7 @@ Usage::
 
     python -m workflow_scripts.methods.align --method M --gex GEX.parquet --img IMG.parquet --seed S \
         --params '{"batch_size": 32, ...}' --out Z3.parquet --model MODEL.pt --history HIST.tsv \
-        [--views VIEWS.npz] [--device auto] [--threads N] [--no-progress] --log LOG
+        [--views VIEWS.npz] [--fit-spots SPOTS.tsv] [--device auto] [--threads N] [--no-progress] --log LOG
 
 Inputs are embedding tables (:mod:`workflow_scripts.io`). Rows with NaN/inf are dropped (logged), then both tables
 are restricted to their shared spot ids (logged; GEX order). ``--params`` is the config's ``training`` block merged
@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optional TSV with a spot_id column (or one id per line): fit the method on these spots only "
                          "and write Z3 for all spots (inductive protocol)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:0, ...")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU: the models are small, so extra intra-op threads cost "
+                         "more in synchronisation than they gain, worst when jobs share the cores)")
     ap.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
     ap.add_argument("--log", default=None, help="log file")
     return ap
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
     params = parse_params(args.params)
-    if args.threads:
-        torch.set_num_threads(int(args.threads))
-        log.info("torch threads set to %d", args.threads)
+    threads = args.threads or 1
+    torch.set_num_threads(int(threads))
+    log.info("torch CPU threads: %d", threads)
 
     gex = drop_invalid_rows(read_embedding(args.gex), f"GEX embedding {args.gex}", log)
     img = drop_invalid_rows(read_embedding(args.img), f"IMG embedding {args.img}", log)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightly.loss import NTXentLoss
 from torch import nn
 
 from .base import AlignModel
@@ -78,8 +77,20 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y_n = self.ln_y(y)
-        x = x + self.attn(self.ln_x(x), y_n, y_n, need_weights=False)[0]
+        x = x + self.attend(self.ln_x(x), y_n)
         return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
+
+    def attend(self, x_n: torch.Tensor, y_n: torch.Tensor) -> torch.Tensor:
+        """MHA(x_n, y_n, y_n). With a single key token (CoMM's one token per modality) the softmax over keys is
+        exactly 1 in every head, so the attention output is out_proj(W_v y_n + b_v), whatever the queries: that
+        is computed directly (no query/key projections, which receive exactly zero gradient either way).
+        Attention dropout during training needs the full module."""
+        attn = self.attn
+        if y_n.shape[1] != 1 or (self.training and attn.dropout > 0):
+            return attn(x_n, y_n, y_n, need_weights=False)[0]
+        d = attn.embed_dim
+        v = F.linear(y_n, attn.in_proj_weight[2 * d :], attn.in_proj_bias[2 * d :])
+        return attn.out_proj(v).expand(-1, x_n.shape[1], -1)
 
 
 class CoMM(AlignModel):
@@ -107,6 +118,8 @@ class CoMM(AlignModel):
         )
         self.norm = nn.LayerNorm(dim)
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        from lightly.loss import NTXentLoss  # imported here: lightly pulls in torchvision (~2 s)
+
         self.loss_fn = NTXentLoss(temperature=float(params["temperature"]))
         for name, size in (("img", d_img), ("gex", d_gex)):
             self.register_buffer(f"mean_{name}", torch.zeros(size))

@@ -42,7 +42,22 @@ class DIM(AlignModel):
         return F.normalize(self.enc_img(x_img), dim=-1), F.normalize(self.enc_gex(x_gex), dim=-1)
 
     def scores(self, z_img: torch.Tensor, z_gex: torch.Tensor) -> torch.Tensor:
-        """Critic logits (B, B): entry (i, j) scores the pair (image i, GEX j), divided by the temperature."""
+        """Critic logits (B, B): entry (i, j) scores the pair (image i, GEX j), divided by the temperature.
+
+        The critic's first layer is linear in the concatenation, W [z_img_i ‖ z_gex_j] + b =
+        W_img z_img_i + W_gex z_gex_j + b, so it is applied to the B rows of each modality and the (B, B, P)
+        hidden layer is formed by broadcasting: the values of applying the critic to all B² concatenated pairs
+        (up to float rounding), with B·2P·P instead of B²·2P·P multiply-adds and no (B, B, 2P) pair tensor.
+        """
+        first, act, last = self.critic
+        p = z_img.shape[1]
+        h_img = z_img @ first.weight[:, :p].T  # (B, P)
+        h_gex = z_gex @ first.weight[:, p:].T
+        hidden = act(h_img.unsqueeze(1) + h_gex.unsqueeze(0) + first.bias)  # (B, B, P)
+        return last(hidden).squeeze(-1) / self.temperature
+
+    def scores_pairwise(self, z_img: torch.Tensor, z_gex: torch.Tensor) -> torch.Tensor:
+        """:meth:`scores` computed literally, the critic applied to every concatenated pair (tests only)."""
         b = z_img.shape[0]
         pairs = torch.cat([z_img.unsqueeze(1).expand(b, b, -1), z_gex.unsqueeze(0).expand(b, b, -1)], dim=-1)
         return self.critic(pairs).squeeze(-1) / self.temperature

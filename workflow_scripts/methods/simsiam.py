@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightly.loss import NegativeCosineSimilarity
 from torch import nn
 
 from .base import AlignModel, mlp_ln_gelu
@@ -39,6 +38,8 @@ class SimSiam(AlignModel):
         h = int(params["pred_dim"] or max(p // 2, 1))
         self.enc_img, self.enc_gex = mlp_ln_gelu(d_img, hid, p), mlp_ln_gelu(d_gex, hid, p)
         self.pred_img, self.pred_gex = _predictor(p, h), _predictor(p, h)
+        from lightly.loss import NegativeCosineSimilarity  # imported here: lightly pulls in torchvision (~2 s)
+
         self.criterion = NegativeCosineSimilarity()
         self.z3_dim, self.view_dim = 2 * p, p
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightly.loss import VICRegLoss
 from torch import nn
 
 from .base import AlignModel
@@ -37,6 +36,8 @@ class VICReg(AlignModel):
         super().__init__()
         p = int(params["projection_dim"])
         self.proj_img, self.proj_gex = _projector(d_img, p), _projector(d_gex, p)
+        from lightly.loss import VICRegLoss  # imported here: lightly pulls in torchvision (~2 s)
+
         self.criterion = VICRegLoss(
             lambda_param=float(params["sim_coeff"]),
             mu_param=float(params["std_coeff"]),

@@ -169,11 +169,11 @@ def test_cli_writes_table(tmp_path):
 
 
 def test_unstratifiable_split_falls_back_with_log(caplog):
-    from workflow_scripts.evaluation.spatial_probe import _split
+    from workflow_scripts.evaluation.spatial_probe import ring_splits
 
     y = np.array(["a"] * 20 + ["b"])  # "b" has one member: stratification impossible
     with caplog.at_level(logging.INFO):
-        tr, te = _split(len(y), y, 0.2, 0, "ring x")
+        (tr, te), = ring_splits(len(y), y, n_repeats=1, test_size=0.2, seed=0, what="ring x")
     assert len(tr) + len(te) == 21 and "unstratified split used" in caplog.text
-    tr2, te2 = _split(len(y), None, 0.2, 0, "ring x")
+    (tr2, te2), = ring_splits(len(y), None, n_repeats=1, test_size=0.2, seed=0, what="ring x")
     assert np.array_equal(np.sort(te), np.sort(te2))  # same seed → the same unstratified split

@@ -2,18 +2,21 @@
 
 
 rule umap_coords:
-    """2-D UMAP of one embedding (seed config umap.seed, default the first seed) with a fixed random_state."""
+    """2-D UMAPs of every embedding of a dataset (seed config umap.seed, default the first seed), fixed random_state.
+
+    One job per dataset: umap-learn is compiled by numba in every new process, which costs more than the fits.
+    """
     input:
-        lambda wc: embedding_path(wc.dataset, wc.embedding, umap_seed()),
+        lambda wc: [embedding_path(wc.dataset, e, umap_seed()) for e in EMBEDDINGS],
     output:
-        "results/{dataset}/umap/{embedding}.tsv",
+        expand("results/{{dataset}}/umap/{embedding}.tsv", embedding=EMBEDDINGS),
     log:
-        "logs/{dataset}/umap_{embedding}.log",
+        "logs/{dataset}/umap.log",
     conda:
         "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
-        runtime=30,
+        runtime=60,
     params:
         umap=json.dumps({k: v for k, v in acfg("umap").items() if k not in ("label", "seed")}),
     shell:

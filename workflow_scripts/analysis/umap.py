@@ -4,7 +4,13 @@ UMAP (McInnes, Healy & Melville 2018, arXiv:1802.03426; the ``umap-learn`` packa
 per-feature standardisation → PCA to ≤ ``n_pca`` dims → ``UMAP(n_neighbors, min_dist, metric, random_state)``;
 deterministic for a fixed ``random_state`` (single-threaded). Writes ``spot_id, umap1, umap2`` (TSV).
 
-CLI: ``python -m workflow_scripts.analysis.umap --embedding E.parquet --params JSON --out OUT.tsv --log LOG``.
+umap-learn's functions are compiled by numba on first use in every process (most are not cached on disk), which
+costs 10-20 s of CPU, far more than a fit of a few thousand spots; the CLI therefore takes several embeddings and
+fits them one after another in one process (one job per dataset), so the compilation is paid once. Each fit
+starts from its own ``random_state``, so the coordinates do not depend on how many embeddings share the job.
+
+CLI: ``python -m workflow_scripts.analysis.umap --embedding E1.parquet [E2.parquet ...] --params JSON
+--out OUT1.tsv [OUT2.tsv ...] --log LOG`` (the i-th embedding is written to the i-th output).
 """
 
 from __future__ import annotations
@@ -58,20 +64,27 @@ def umap_coords(emb: pd.DataFrame, params: Mapping | None = None) -> pd.DataFram
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: see the module docstring."""
+    """CLI: see the module docstring. Raises SystemExit when the numbers of embeddings and outputs differ."""
+    import time
+
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.analysis.umap", description=__doc__.split("\n")[0])
-    ap.add_argument("--embedding", required=True)
+    ap.add_argument("--embedding", required=True, nargs="+", help="embedding table(s) (parquet)")
     ap.add_argument("--params", default="{}", help="JSON, config umap")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, nargs="+", help="one output TSV per embedding, in the same order")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
+    if len(args.embedding) != len(args.out):
+        ap.error(f"{len(args.embedding)} --embedding files but {len(args.out)} --out files; give one output per embedding")
     setup_logging(args.log)
     params = json_arg(args.params, "--params")
     params.pop("label", None)
-    xy = umap_coords(read_embedding(args.embedding), params)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    xy.to_csv(args.out, sep="\t", index_label="spot_id")
-    log.info("wrote %d UMAP coordinates to %s", len(xy), args.out)
+    for emb_path, out in zip(args.embedding, args.out):
+        t0 = time.process_time()
+        xy = umap_coords(read_embedding(emb_path), params)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        xy.to_csv(out, sep="\t", index_label="spot_id")
+        log.info("wrote %d UMAP coordinates of %s to %s (%.1f s CPU, numba compilation included on the first)",
+                 len(xy), emb_path, out, time.process_time() - t0)
 
 
 if __name__ == "__main__":

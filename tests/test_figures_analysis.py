@@ -66,3 +66,24 @@ def test_umap_is_deterministic_and_separates_clusters():
     c0, c1 = a.iloc[:60].mean().to_numpy(), a.iloc[60:].mean().to_numpy()
     spread = a.iloc[:60].std().mean()
     assert np.linalg.norm(c0 - c1) > 3 * spread
+
+
+def test_umap_cli_fits_several_embeddings_in_one_process_as_each_alone(tmp_path):
+    import json
+
+    from workflow_scripts.io import write_embedding
+
+    rng = np.random.default_rng(1)
+    paths, outs = [], []
+    for k in range(2):
+        x = np.vstack([rng.normal(0, 1, (40, 5 + k)), rng.normal(6, 1, (40, 5 + k))])
+        paths.append(tmp_path / f"e{k}.parquet")
+        outs.append(tmp_path / f"u{k}.tsv")
+        write_embedding(embedding_frame(x, [f"s{i}" for i in range(80)]), paths[-1])
+    params = json.dumps({"n_neighbors": 10, "random_state": 3})
+    umap_mod.main(["--embedding", *map(str, paths), "--params", params, "--out", *map(str, outs)])
+    umap_mod.main(["--embedding", str(paths[1]), "--params", params, "--out", str(tmp_path / "alone.tsv")])
+    assert (tmp_path / "alone.tsv").read_text() == outs[1].read_text()  # the batch does not change the result
+    assert pd.read_csv(outs[0], sep="\t").shape == (80, 3)
+    with pytest.raises(SystemExit):  # one output per embedding
+        umap_mod.main(["--embedding", *map(str, paths), "--params", params, "--out", str(outs[0])])

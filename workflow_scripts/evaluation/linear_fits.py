@@ -170,7 +170,9 @@ def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit
 
     Parameters
     ----------
-    X : (n, d) features (any float dtype; products in that dtype, the d × d algebra in float64).
+    X : (n, d) features. ``XᵀX`` and the d × d algebra are float64; the n × d products keep X's dtype
+        (float32 halves their time) when n > 2d, and are float64 otherwise: with few rows per feature the
+        leverages approach 1 and the leave-one-out residuals ``e / (1 − h)`` amplify rounding errors.
     Y : (n,) or (n, k) targets.
     alphas : candidate penalties (> 0).
 
@@ -187,6 +189,8 @@ def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit
     from sklearn.metrics import r2_score
 
     X = np.asarray(X)
+    if X.dtype != np.float64 and X.shape[0] <= 2 * X.shape[1]:
+        X = X.astype(np.float64)
     Y = np.asarray(Y, dtype=np.float64)
     one_d = Y.ndim == 1
     Y2 = Y[:, None] if one_d else Y
@@ -199,7 +203,7 @@ def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit
     Xc = X - x_mean.astype(X.dtype)
     y_mean = Y2.mean(axis=0)
     Yc = Y2 - y_mean
-    lam, V = np.linalg.eigh((Xc.T @ Xc).astype(np.float64))
+    lam, V = np.linalg.eigh(_gram64(Xc))
     lam = np.clip(lam, 0.0, None)
     P = Xc @ V.astype(X.dtype)                             # (n, d): rows in the eigenbasis
     PtY = P.T.astype(np.float64) @ Yc                      # (d, k)
@@ -219,6 +223,17 @@ def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit
     if one_d:
         coef, intercept = coef[:, 0], intercept[0]
     return RidgeFit(coef=coef, intercept=np.asarray(intercept), alpha=float(alpha), loo_r2=float(score))
+
+
+def _gram64(X: np.ndarray, block: int = 8192) -> np.ndarray:
+    """``XᵀX`` accumulated in float64 over row blocks (float32 sums of n products lose the small eigenvalues)."""
+    if X.dtype == np.float64:
+        return X.T @ X
+    G = np.zeros((X.shape[1], X.shape[1]))
+    for i in range(0, X.shape[0], block):
+        b = X[i:i + block].astype(np.float64)
+        G += b.T @ b
+    return G
 
 
 def fit_regressor_split(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, *,

@@ -25,6 +25,7 @@ include: "rules/spatial_consistency.smk"
 include: "rules/training_curves.smk"
 include: "rules/umap.smk"
 include: "rules/scaling.smk"
+include: "rules/benchmarks.smk"
 
 
 localrules:
@@ -40,6 +41,7 @@ localrules:
 rule all:
     input:
         final_targets(),
+        "results/figures/benchmarks.png",
 
 
 rule figures:

@@ -19,13 +19,13 @@ rule align:
         gpu=method_gpu,
         mem_mb=8000,
         runtime=120,
+        device=config["training"]["device"],  # not a param: the device does not change what is trained
     params:
         train=lambda wc: json.dumps(training_params(wc.method)),
-        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params {params.train:q} --out {output.z3} --model {output.model}"
-        " --history {output.history} --views {output.views} --device {params.device} --threads {threads}"
+        " --history {output.history} --views {output.views} --device {resources.device} --threads {threads}"
         " --log {log}"
 
 

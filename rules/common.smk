@@ -1,20 +1,40 @@
 # Config loading, schema validation, wildcard constraints and the helpers that build paths and targets.
 import json
+import os
 
 from snakemake.utils import min_version, validate
 
+from workflow_scripts.configuration import (
+    check_config,
+    coerce_config,
+    load_schema,
+    METHOD_TRAINING_KEYS,
+    TRAINING_KEYS,
+    reader_params as _reader_params,
+    reader_schemas,
+    unknown_dataset_error,
+)
 from workflow_scripts.data import input_files as _dataset_input_files
-from workflow_scripts.encoders import encoder_needs_gpu
+from workflow_scripts.encoders import encoder_modalities, encoder_needs_gpu
 
 min_version("9.19")  # profiles are read from profile.yaml since 9.19
 
 
+# Every config mistake fails here, before the first job, naming its key (workflow_scripts/configuration.py):
+# --config values typed as the schema asks (seeds=[0] arrives as ["0"]), the schema (types, ranges, defaults),
+# then the checks a schema cannot express (reader keys, HER2ST sections, encoders, method parameters).
+READER_SCHEMAS = reader_schemas(workflow.basedir)
+config.update(
+    coerce_config(
+        config,
+        load_schema(os.path.join(workflow.basedir, "config/config.schema.yaml")),
+        READER_SCHEMAS,
+    )
+)
 validate(config, schema="../config/config.schema.yaml")
+check_config(config, repo=workflow.basedir, encoders=encoder_modalities())
 
 DATASETS = list(config.get("run_datasets") or config["datasets"])
-_unknown = [d for d in DATASETS if d not in config["datasets"]]
-if _unknown:
-    raise ValueError(f"config key run_datasets names datasets {_unknown} that are not under `datasets:`")
 METHODS = list(config["methods"])
 BASELINES = list(config["baselines"])
 EMBEDDINGS = METHODS + BASELINES
@@ -26,8 +46,10 @@ ALL_METHODS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins
 ALL_BASELINES = ["unimodal_gex", "unimodal_img", "random"]
 
 
+# `dataset` takes any name, so that a target naming an unknown dataset (results/sis/foo.tsv) reaches ds_cfg, whose
+# error lists the known datasets, instead of a bare MissingRuleException.
 wildcard_constraints:
-    dataset="|".join(config["datasets"]),
+    dataset=r"[A-Za-z0-9_]+",
     method="|".join(ALL_METHODS),
     embedding="|".join(ALL_METHODS + ALL_BASELINES),
     modality="gex|img",
@@ -36,7 +58,9 @@ wildcard_constraints:
 
 
 def ds_cfg(dataset):
-    """The dataset's config entry with defaults applied."""
+    """The dataset's config entry with defaults applied; ConfigError listing the known datasets if there is none."""
+    if dataset not in config["datasets"]:
+        raise unknown_dataset_error(dataset, config["datasets"])
     d = dict(config["datasets"][dataset])
     d.setdefault("patch_um", 200)
     d.setdefault("min_class_size", 10)
@@ -74,13 +98,28 @@ def encoder_params(encoder, dataset):
     return p
 
 
+def prepare_params(dataset):
+    """The `prepare` rule's parameters: only the keys the dataset's reader reads (config/readers/<reader>.schema.yaml),
+    so that evaluation and embedding settings do not rebuild the spots."""
+    d = ds_cfg(dataset)
+    return _reader_params(d, READER_SCHEMAS[d["reader"]])
+
+
+def patch_option(wildcards):
+    """`--patch-um` for image encoders only: the patch size changes the image embedding, never the GEX one."""
+    if wildcards.modality != "img":
+        return ""
+    return f"--patch-um {ds_cfg(wildcards.dataset)['patch_um']}"
+
+
 def encoder_gpu(wildcards):
     return 1 if encoder_needs_gpu(wildcards.encoder) else 0
 
 
 def training_params(method):
     """The `training` block merged with `training.method_params.<method>` (as passed to fit_method)."""
-    t = {k: v for k, v in config["training"].items() if k not in ("method_params", "device", "threads")}
+    used = METHOD_TRAINING_KEYS.get(method, TRAINING_KEYS)  # cca and concat ignore most training keys
+    t = {k: v for k, v in config["training"].items() if k in used}
     t.update((config["training"].get("method_params") or {}).get(method) or {})
     return t
 
@@ -116,7 +155,7 @@ def spatial_tables(wildcards):
 
 
 def prepare_inputs(wildcards):
-    return _dataset_input_files(ds_cfg(wildcards.dataset))
+    return _dataset_input_files(ds_cfg(wildcards.dataset), wildcards.dataset)
 
 
 def final_targets():

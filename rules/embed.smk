@@ -14,15 +14,17 @@ rule embed:
         gpu=encoder_gpu,
         mem_mb=16000,
         runtime=240,
+        # settings that do not change the embedding are resources, not params, so changing them reruns nothing
+        # (Snakemake's params trigger compares params only); override with --set-resources embed:batch_size=128
+        batch_size=config["embed"]["batch_size"],
+        num_workers=config["embed"]["num_workers"],
+        device=config["embed"]["device"],
     params:
         enc=lambda wc: json.dumps(encoder_params(wc.encoder, wc.dataset)),
-        patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
-        device=config["embed"]["device"],
-        batch_size=config["embed"]["batch_size"],
-        workers=config["embed"]["num_workers"],
+        patch=patch_option,
         seed=SEEDS[0],
     shell:
         "python -m workflow_scripts.encoders.embed --encoder {wildcards.encoder} --modality {wildcards.modality}"
         " --dataset {input.spots} --cells {input.cells} --out {output} --params {params.enc:q}"
-        " --device {params.device} --batch-size {params.batch_size} --num-workers {params.workers}"
-        " --patch-um {params.patch_um} --seed {params.seed} --threads {threads} --log {log}"
+        " --device {resources.device} --batch-size {resources.batch_size} --num-workers {resources.num_workers}"
+        " {params.patch} --seed {params.seed} --threads {threads} --log {log}"

@@ -1,16 +1,10 @@
 rule prepare:
-    """Read a dataset's raw files into the spot data model and draw sample patches for QC."""
+    """Read a dataset's raw files into the spot data model."""
     input:
         prepare_inputs,
     output:
         spots="results/{dataset}/spots.h5ad",
         cells="results/{dataset}/cells.h5ad",
-        qc=report(
-            "results/{dataset}/qc/patches.png",
-            caption="../report/qc_patches.rst",
-            category="{dataset}",
-            subcategory="Quality control",
-        ),
     log:
         "logs/{dataset}/prepare.log",
     conda:
@@ -19,9 +13,31 @@ rule prepare:
         mem_mb=8000,
         runtime=30,
     params:
-        cfg=lambda wc: json.dumps(ds_cfg(wc.dataset)),
+        # only the reader's keys (config/readers/<reader>.schema.yaml): tasks, classes, rings and encoders do not
+        # change the spots, so changing them must not rebuild them
+        cfg=lambda wc: json.dumps(prepare_params(wc.dataset)),
         seed=SEEDS[0],
     shell:
         "python -m workflow_scripts.data.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
-        " --seed {params.seed} --spots {output.spots} --cells {output.cells}"
-        " --qc-figure {output.qc} --log {log}"
+        " --seed {params.seed} --spots {output.spots} --cells {output.cells} --log {log}"
+
+
+rule qc_patches:
+    """Sample patches of every slide, titled with their spot ids, at the patch size the image encoder sees."""
+    input:
+        "results/{dataset}/spots.h5ad",
+    output:
+        report(
+            "results/{dataset}/qc/patches.png",
+            caption="../report/qc_patches.rst",
+            category="{dataset}",
+            subcategory="Quality control",
+        ),
+    log:
+        "logs/{dataset}/qc_patches.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
+    shell:
+        "python -m workflow_scripts.data.qc --spots {input} --patch-um {params.patch_um} --out {output} --log {log}"

@@ -21,6 +21,7 @@ rule scaling_offline:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+        device=config["training"]["device"],
     params:
         offline=lambda wc: json.dumps(
             {
@@ -37,13 +38,12 @@ rule scaling_offline:
         probe=json.dumps(config["probe"]),
         comm=json.dumps(training_params("comm")),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
-        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.analysis.scaling offline --spots {input.spots} --img {input.img} {params.gex}"
         " --dataset {wildcards.dataset} --fraction {wildcards.fraction} --seed {wildcards.seed}"
         " --params {params.offline:q}"
         " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
-        " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
+        " --min-class-size {params.min_class} --device {resources.device} --threads {threads}"
         " --out {output} --log {log}"
 
 
@@ -63,14 +63,14 @@ rule posttrain_nicheformer:
         gpu=1,
         mem_mb=64000,
         runtime=1440,
+        device=SCALING["posttrain"]["device"],
     params:
         enc=lambda wc: json.dumps(encoder_params("nicheformer", wc.dataset)),
         train=posttrain_params,
-        device=SCALING["posttrain"]["device"],
     shell:
         "python -m workflow_scripts.analysis.nicheformer_mlm --cells {input.cells} --encoder-params {params.enc:q}"
         " --config {wildcards.ptcfg} --params {params.train:q} --fraction {wildcards.fraction} --seed {wildcards.seed}"
-        " --device {params.device} --threads {threads} --out {output.ckpt} --history {output.history} --log {log}"
+        " --device {resources.device} --threads {threads} --out {output.ckpt} --history {output.history} --log {log}"
 
 
 rule embed_posttrained:
@@ -90,18 +90,18 @@ rule embed_posttrained:
         gpu=1,
         mem_mb=16000,
         runtime=240,
+        device=config["embed"]["device"],
+        batch_size=config["embed"]["batch_size"],
+        num_workers=config["embed"]["num_workers"],
     params:
         enc=lambda wc: json.dumps(
             {k: v for k, v in encoder_params("nicheformer", wc.dataset).items() if k != "weights"}
         ),
         patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
-        device=config["embed"]["device"],
-        batch_size=config["embed"]["batch_size"],
-        workers=config["embed"]["num_workers"],
     shell:
         "python -m workflow_scripts.encoders.embed --encoder nicheformer --modality gex --dataset {input.spots}"
         " --cells {input.cells} --out {output} --params {params.enc:q} --weights {input.ckpt}"
-        " --device {params.device} --batch-size {params.batch_size} --num-workers {params.workers}"
+        " --device {resources.device} --batch-size {resources.batch_size} --num-workers {resources.num_workers}"
         " --patch-um {params.patch_um} --seed {wildcards.seed} --threads {threads} --log {log}"
 
 
@@ -123,18 +123,18 @@ rule scaling_posttrained_eval:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+        device=config["training"]["device"],
     params:
         tasks=lambda wc: tasks_json(wc.dataset),
         probe=json.dumps(config["probe"]),
         comm=json.dumps(training_params("comm")),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
-        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.analysis.scaling evaluate --spots {input.spots} --gex {input.gex} --img {input.img}"
         " --dataset {wildcards.dataset} --config {wildcards.ptcfg} --fraction {wildcards.fraction}"
         " --seed {wildcards.seed} --history {input.history}"
         " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
-        " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
+        " --min-class-size {params.min_class} --device {resources.device} --threads {threads}"
         " --out {output} --log {log}"
 
 
@@ -155,17 +155,17 @@ rule scaling_pretrained_eval:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+        device=config["training"]["device"],
     params:
         tasks=lambda wc: tasks_json(wc.dataset),
         probe=json.dumps(config["probe"]),
         comm=json.dumps(training_params("comm")),
         min_class=lambda wc: ds_cfg(wc.dataset)["min_class_size"],
-        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.analysis.scaling evaluate --spots {input.spots} --gex {input.gex} --img {input.img}"
         " --dataset {wildcards.dataset} --config pretrained --fraction 0 --seed {wildcards.seed} --n-fit 0"
         " --tasks {params.tasks:q} --probe-params {params.probe:q} --comm-params {params.comm:q}"
-        " --min-class-size {params.min_class} --device {params.device} --threads {threads}"
+        " --min-class-size {params.min_class} --device {resources.device} --threads {threads}"
         " --out {output} --log {log}"
 
 

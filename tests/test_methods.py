@@ -237,7 +237,7 @@ def test_comm_views_augmented_or_identical(toy):
 
 
 def test_comm_infonce_is_the_reference_2b_ntxent():
-    """lightly's NTXentLoss equals CoMM's InfoNCE over [[a bᵀ, a aᵀ−∞I], [b bᵀ−∞I, b aᵀ]]/τ (reference §3.3)."""
+    """lightly's NTXentLoss equals CoMM's InfoNCE over [[a bᵀ, a aᵀ−∞I], [b bᵀ−∞I, b aᵀ]]/τ (docs/reference.md#fusion-methods)."""
     torch.manual_seed(1)
     model = build_model("comm", 5, 4, params("comm"))
     a, b = F.normalize(torch.randn(10, 16), dim=1), F.normalize(torch.randn(10, 16), dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -19,8 +20,9 @@ from workflow_scripts.io import read_embedding
 from workflow_scripts.encoders.weights import WeightsError
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 
-LAYER_KEYS = {  # nn.TransformerEncoderLayer(d, h, ff) sub-keys and shapes (reference §12)
+LAYER_KEYS = {  # nn.TransformerEncoderLayer(d, h, ff) sub-keys and shapes (docs/reference.md#nicheformer)
     "self_attn.in_proj_weight": lambda d, ff: (3 * d, d),
     "self_attn.in_proj_bias": lambda d, ff: (3 * d,),
     "self_attn.out_proj.weight": lambda d, ff: (d, d),
@@ -37,7 +39,7 @@ LAYER_KEYS = {  # nn.TransformerEncoderLayer(d, h, ff) sub-keys and shapes (refe
 
 
 def expected_checkpoint_shapes(d=512, ff=1024, layers=12, n_tokens=20340, context=1500, classes=164):
-    """The published checkpoint's state-dict keys and shapes, written out from reference §12."""
+    """The published checkpoint's state-dict keys and shapes, written out from docs/reference.md#nicheformer."""
     shapes = {"embeddings.weight": (n_tokens + 5, d), "positional_embedding.weight": (context, d)}
     for prefix in ["encoder_layer."] + [f"encoder.layers.{i}." for i in range(layers)]:
         shapes.update({prefix + k: f(d, ff) for k, f in LAYER_KEYS.items()})
@@ -169,7 +171,7 @@ def tiny_assets(tmp_path):
     return dict(spots=spots, cells=cells, params=params, mean=N.clean_technology_mean(mean), dir=tmp_path)
 
 
-def _expected_spot_means(model, assets, exclude_padding=True):
+def _expected_spot_means(model, assets, exclude_padding=False):
     X = assets["cells"].X.toarray()[:, :10]  # symbols S0..S9 are vocabulary genes 0..9 in order
     toks = N.tokenize(sp.csr_matrix(X), assets["mean"], N.context_tokens("human", "cosmx", "spatial"), 12)
     with torch.no_grad():
@@ -214,15 +216,57 @@ def test_lightning_ckpt_round_trip_with_cells(tiny_assets, tmp_path):
     np.testing.assert_allclose(df.loc["a"].to_numpy(), exp["a"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(df.loc["b"].to_numpy(), exp["b"], rtol=1e-4, atol=1e-5)
     assert df.loc["c"].isna().all()  # spot without cells
-    # reference mode: means over padding positions too -> different numbers, same plumbing
-    ref = get_encoder("nicheformer").fn(
-        tiny_assets["spots"], {**tiny_assets["params"], "weights": str(ckpt), "exclude_padding": False}, ctx)
-    exp_ref = _expected_spot_means(model, tiny_assets, exclude_padding=False)
-    np.testing.assert_allclose(ref.loc["b"].to_numpy(), exp_ref["b"], rtol=1e-4, atol=1e-5)
-    assert not np.allclose(ref.loc["b"].to_numpy(), df.loc["b"].to_numpy(), atol=1e-4)
+    # the padding-free option: mean over gene tokens only -> different numbers, same plumbing
+    alt = get_encoder("nicheformer").fn(
+        tiny_assets["spots"], {**tiny_assets["params"], "weights": str(ckpt), "exclude_padding": True}, ctx)
+    exp_alt = _expected_spot_means(model, tiny_assets, exclude_padding=True)
+    np.testing.assert_allclose(alt.loc["b"].to_numpy(), exp_alt["b"], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(alt.loc["b"].to_numpy(), df.loc["b"].to_numpy(), atol=1e-4)
     _, report = N.load_nicheformer(ckpt)
     assert report["format"] == "lightning_ckpt" and report["ignored"] == ["pos"]
     assert report["missing"] == [] and report["unexpected"] == []
+
+
+def official_get_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``Nicheformer.get_embeddings(layer=-1, with_context=False)`` as the official code computes it
+    (theislab/nicheformer ``src/nicheformer/models/_nicheformer.py`` and ``complete_masking`` with p = 0 in
+    ``models/_utils.py``), written out here step by step with the model's own weights: raw padding 0 -> 1, token
+    embedding plus the positional embedding of positions 0 .. context_length - 1, every encoder layer with the
+    padding mask, the 3 context positions dropped, and a plain mean over all remaining positions, padding included.
+    ``tokens``: (n_cells, context_length) int64, right-padded with 0."""
+    ids = torch.where(tokens == 0, torch.ones_like(tokens), tokens)
+    pad = ids == 1
+    h = model.embeddings(ids) + model.positional_embedding(torch.arange(model.hparams["context_length"]))
+    for layer in model.encoder.layers:
+        h = layer(h, src_key_padding_mask=pad, is_causal=False)
+    return h[:, 3:, :].mean(dim=1)
+
+
+def test_default_embedding_is_the_official_get_embeddings(tiny_assets, tmp_path):
+    """The default parameters (and the paper config) reproduce the official embedding: padding in the mean."""
+    import yaml
+
+    torch.manual_seed(4)
+    model = N.build_nicheformer(arch=TINY).eval()
+    ckpt = tmp_path / "nicheformer.ckpt"
+    _lightning_ckpt(model, ckpt)
+    params = {**tiny_assets["params"], "weights": str(ckpt)}
+    assert params["max_seq_len"] == TINY["context_length"] and "exclude_padding" not in params
+    ctx = EncodeContext(device="cpu", batch_size=2, extra={"cells": tiny_assets["cells"]})
+    df = get_encoder("nicheformer").fn(tiny_assets["spots"], params, ctx)
+    X = tiny_assets["cells"].X.toarray()[:, :10]  # symbols S0..S9 = vocabulary genes 0..9
+    tokens = N.tokenize(sp.csr_matrix(X), tiny_assets["mean"], N.context_tokens("human", "cosmx", "spatial"),
+                        TINY["context_length"])
+    with torch.no_grad():
+        cell = official_get_embeddings(model, torch.from_numpy(tokens)).numpy()
+    assert np.abs(df.loc["a"].to_numpy() - (cell[0] + cell[4]) / 2).max() <= 1e-6
+    assert np.abs(df.loc["b"].to_numpy() - cell[2]).max() <= 1e-6
+    # the paper configuration keeps that default for every dataset
+    paper = yaml.safe_load(open(REPO / "config/paper.yaml"))
+    nf = {**N.DEFAULTS, **paper["encoders"]["nicheformer"]}
+    assert nf["exclude_padding"] is False and nf["max_seq_len"] == N.ARCH["context_length"]
+    for name, block in paper["datasets"].items():
+        assert "exclude_padding" not in ((block.get("encoder_params") or {}).get("nicheformer") or {}), name
 
 
 def test_safetensors_release_round_trip_via_cli(tiny_assets, tmp_path):

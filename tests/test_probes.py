@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.evaluation.probes (linear probes with CV, reference §4)."""
+"""Tests for workflow_scripts.evaluation.probes (linear probes with CV, docs/reference.md#probes)."""
 
 from __future__ import annotations
 

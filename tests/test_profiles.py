@@ -178,6 +178,7 @@ def test_jobs_without_gpu_go_to_a_cpu_partition_without_gpu_request(rule):
 def test_local_profile():
     p = load(LOCAL)
     assert "executor" not in p and p["cores"] == "all"
+    assert p["rerun-incomplete"] is True  # after `snakemake --unlock`, a crashed run resumes with the same command
     assert int(p["resources"]["gpu"]) >= 1  # GPU rules declare gpu=1; 0 would make them unschedulable
 
 

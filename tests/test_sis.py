@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.evaluation.sis (Synergistic Information Score, reference §6)."""
+"""Tests for workflow_scripts.evaluation.sis (Synergistic Information Score, docs/reference.md#sis)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def probe_rows(dataset, embedding, task, metric, folds, seeds=(0,)):
 
 
 def reference_illustration(seeds=(0,)) -> pd.DataFrame:
-    """The reference's examples/example_compute_sis.py illustration (synthetic, §8)."""
+    """The reference's examples/example_compute_sis.py illustration (synthetic, docs/reference.md#sis)."""
     rows = []
     for emb, f1, r2 in [
         ("unimodal_gex", [0.72, 0.73, 0.71], [0.65, 0.66, 0.64]),

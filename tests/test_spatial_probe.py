@@ -1,4 +1,7 @@
-"""Tests for workflow_scripts.evaluation.spatial_probe (neighbour rings in µm within slides, reference §5.1 / §11.14)."""
+"""Tests for workflow_scripts.evaluation.spatial_probe: neighbour rings in µm within slides.
+
+Reference behaviour and the fix: docs/reference.md#spatial-rings, docs/reference.md#flaw-14.
+"""
 
 from __future__ import annotations
 

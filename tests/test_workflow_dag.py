@@ -61,20 +61,42 @@ def test_figures_rebuild_from_tables_only(tmp_path):
     assert set(c) == {"figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings"}
 
 
+def test_seeds_methods_and_reader_keys_from_the_command_line(tmp_path):
+    """`--config` hands nested values over as strings (seeds=[0] -> ["0"]); they are typed by the schemas."""
+    c = dry(tmp_path, "all", extra=("--config", "seeds=[0]", "methods=[cca,comm]",
+                                     "datasets={her2st: {max_spots_per_slide: 40}}"))
+    assert c["align"] == 2 and c["probe"] == 5 and c["random_baseline"] == 1 and c["prepare"] == 1
+
+
 @pytest.mark.parametrize(
-    "override, key",
+    "override, message",
     [
         ("probe={'n_folds': 1}", "n_folds"),
         ("methods=[cca,not_a_method]", "not_a_method"),
         ("training={'lr': -1}", "lr"),
+        ("datasets={her2st: {max_spot_per_slide: 40}}",
+         "datasets.her2st: unknown key 'max_spot_per_slide' (did you mean 'max_spots_per_slide'?)"),
+        ("datasets={her2st: {section: [A1]}}", "datasets.her2st: unknown key 'section' (did you mean 'sections'?)"),
+        ("datasets={her2st: {sections: []}}", "datasets.her2st.sections: [] should be non-empty"),
+        ("datasets={her2st: {sections: [A1, Z9]}}", "datasets.her2st.sections: unknown HER2ST section(s) ['Z9']"),
+        ("datasets={her2st: {reader: visum}}", "datasets.her2st.reader: unknown reader 'visum' (did you mean 'visium'?)"),
+        ("training={method_params: {comm: {temprature: 0.1}}}",
+         "training.method_params.comm: unknown parameter 'temprature' (did you mean 'temperature'?)"),
     ],
 )
-def test_invalid_config_fails_before_any_job_naming_the_key(tmp_path, override, key):
+def test_invalid_config_fails_before_any_job_naming_the_key(tmp_path, override, message):
     wd = workdir(tmp_path)
     r = snakemake(wd, "all", "--config", override, "-n")
     assert r.returncode != 0
-    assert key in (r.stdout + r.stderr)
+    assert message in (r.stdout + r.stderr)
     assert not (wd / "results").exists()
+
+
+def test_unknown_dataset_in_a_target_lists_the_known_datasets(tmp_path):
+    wd = workdir(tmp_path)
+    r = snakemake(wd, "results/sis/foo.tsv", "-n")
+    assert r.returncode != 0
+    assert "unknown dataset 'foo' (from the requested file's path); known datasets: ['her2st']" in r.stdout + r.stderr
 
 
 def test_missing_input_file_is_named(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,6 +24,55 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 META_KEY = b"cellsynergy"
+
+
+class DataFileError(ValueError):
+    """An input data file that exists but cannot be used (truncated, corrupt, missing columns); the message names
+    the file, what is wrong and how to fix it."""
+
+
+def read_table(path: str | Path, required: Sequence[str] = (), hint: str = "", **read_csv_kwargs) -> pd.DataFrame:
+    """Read a CSV/TSV (optionally gzipped) with :func:`pandas.read_csv`, failing with a clear message.
+
+    Parameters
+    ----------
+    path : the file; FileNotFoundError names it when absent.
+    required : columns the table must have (the index column counts); DataFileError lists the missing ones and
+        the columns the file has.
+    hint : appended to every message (how to restore or fix the file).
+    **read_csv_kwargs : passed to :func:`pandas.read_csv` (e.g. ``sep="\t"``, ``index_col=0``).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    DataFileError
+        The file is truncated or corrupt (a gzip stream that ends early or does not decompress, an empty file,
+        rows that do not parse) or lacks a ``required`` column.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file missing: {path}. {hint}".strip())
+    tail = f" {hint}" if hint else ""
+    try:
+        df = pd.read_csv(path, **read_csv_kwargs)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataFileError(
+            f"{path}: the compressed file is truncated or corrupt ({type(e).__name__}: {e}); the copy or download "
+            f"was probably interrupted.{tail}"
+        ) from e
+    except pd.errors.EmptyDataError as e:
+        raise DataFileError(f"{path}: the file is empty.{tail}") from e
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{path}: cannot be parsed as a table ({type(e).__name__}: {e}).{tail}") from e
+    have = [str(c) for c in ([df.index.name] if df.index.name is not None else []) + list(df.columns)]
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise DataFileError(f"{path}: missing column(s) {missing}; the file has columns {have}.{tail}")
+    return df
 
 
 def embedding_frame(values: np.ndarray, ids: Sequence[str]) -> pd.DataFrame:
@@ -123,8 +173,26 @@ def intersect_tables(tables: Mapping[str, pd.DataFrame], logger: logging.Logger 
     return out
 
 
+def log_uncaught_exception(exc_type, exc, tb) -> None:
+    """``sys.excepthook`` installed by :func:`setup_logging`: an exception that ends a CLI is logged (message, then
+    traceback) through the logging handlers, so the rule's log file holds the same error as the terminal."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("workflow_scripts").critical(
+        "%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb)
+    )
+    for h in logging.getLogger().handlers:
+        h.flush()
+
+
 def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Log to ``log_file`` (the rule's ``log:``) and to stderr; return the package logger."""
+    """Log to ``log_file`` (the rule's ``log:``) and to stderr; return the package logger.
+
+    Every CLI's ``main`` calls this first. It also installs :func:`log_uncaught_exception` as ``sys.excepthook``,
+    so an error that ends the command (a missing column, a truncated file, a bad parameter) is written to the
+    log file with its traceback, not only to the terminal.
+    """
     root = logging.getLogger()
     root.setLevel(level)
     for h in list(root.handlers):
@@ -138,6 +206,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         h.setFormatter(fmt)
         root.addHandler(h)
     logging.captureWarnings(True)
+    sys.excepthook = log_uncaught_exception
     return logging.getLogger("workflow_scripts")
 
 
@@ -161,7 +230,9 @@ def json_arg(text: str, option: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{option}: not valid JSON ({e}): {text!r}")
+        msg = f"{option}: not valid JSON ({e}): {text!r}"
+        log.error(msg)  # SystemExit bypasses sys.excepthook: log it here so that the rule's log has it
+        raise SystemExit(msg)
 
 
 def embedding_task_parser(prog: str, description: str):

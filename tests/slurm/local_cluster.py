@@ -5,9 +5,8 @@ files) lives in one private directory, the daemons listen on free ports, and cli
 the ``SLURM_CONF`` variable of :attr:`LocalSlurm.env` (set only in the environment of the subprocesses a test
 starts). Needs root and Debian's ``slurm-wlm`` and ``munge`` packages (SLURM 22.05).
 
-The configuration follows the single-node recipe in the project's Snakemake notes (shared reference
-``snakemake_practice.md`` §7.2): ``select/cons_tres``, ``proctrack/linuxproc``, ``task/none``, an explicit
-socket/core layout, ``GresTypes=gpu`` and a ``gres.conf`` whose GPUs are two empty files. Two additions:
+The configuration is the usual single-node recipe: ``select/cons_tres``, ``proctrack/linuxproc``, ``task/none``,
+an explicit socket/core layout, ``GresTypes=gpu`` and a ``gres.conf`` whose GPUs are two empty files. Two additions:
 ``SlurmdParameters=config_overrides`` lets the node advertise more CPUs and memory than the test machine has
 (so that the production profile's requests fit unchanged), and ``MinJobAge=3600`` keeps finished jobs in
 ``scontrol show job``/``squeue`` for an hour (there is no accounting database, so that is where the Snakemake

@@ -1,8 +1,9 @@
-"""Continued ("post-") training of Nicheformer with its masked-language-model objective (reference, docs/reference.md#data-scaling, docs/reference.md#flaw-8, docs/reference.md#nicheformer).
+"""Continued ("post-") training of Nicheformer with its masked-language-model objective.
 
-The reference's post-training is degenerate (docs/reference.md#flaw-8: one token per cell, no masking, targets = inputs).
-This module implements the objective docs/reference.md#flaw-8 asks for — Nicheformer's own MLM as described in docs/reference.md#nicheformer
-(``models/_utils.py::complete_masking`` and the Lightning training step):
+Used by the data-scaling experiment (docs/reference.md#data-scaling). The reference's post-training is degenerate
+(docs/reference.md#flaw-8: one token per cell, no masking, targets = inputs). This module implements Nicheformer's
+own MLM objective instead, as described in docs/reference.md#nicheformer (``models/_utils.py::complete_masking`` and
+the Lightning training step):
 
 Masking (:func:`mask_tokens`), per token sequence ``[specie, assay, modality, gene tokens…, padding]``
 ------------------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ MASK_TOKEN = 0
 PAD_TOKEN = 1
 IGNORE_INDEX = -100
 
-#: The three post-training configurations of reference, docs/reference.md#data-scaling (batch size 32 in all).
+#: The reference's three post-training configurations (docs/reference.md#data-scaling; batch size 32 in all).
 CONFIGS = {
     "cfg1": {"lr": 1.0e-4, "weight_decay": 1.0e-5, "batch_size": 32},
     "cfg2": {"lr": 2.0e-5, "weight_decay": 5.0e-4, "batch_size": 32},

@@ -1,7 +1,8 @@
-"""Data-scaling experiment (reference, docs/reference.md#data-scaling, docs/reference.md#flaw-8): probe scores as a function of the amount
-of data used to fit the models.
+"""Data-scaling experiment: probe scores as a function of the amount of data used to fit the models.
 
-Fractions (reference, docs/reference.md#data-scaling): 0.01, 0.0316, 0.1, 0.316, 1.0 (half-decades), several seeds.
+The reference's experiment: docs/reference.md#data-scaling (its post-training flaw: docs/reference.md#flaw-8).
+
+Fractions (as in the reference, docs/reference.md#data-scaling): 0.01, 0.0316, 0.1, 0.316, 1.0 (half-decades), several seeds.
 
 Subsets (:func:`fraction_subset`)
 ---------------------------------
@@ -31,7 +32,7 @@ has parameters fitted to data, and so does the alignment interface. Fraction f o
   **all** spots (:func:`workflow_scripts.methods.embed_with_state`).
 
 The image embedding is frozen and never subsampled. Probes (:func:`workflow_scripts.evaluation.probes.run_probes`) always
-run on all spots, for ``gex`` (the fraction-fitted GEX embedding), ``concat`` = [IMG ‖ GEX] (reference, docs/reference.md#fused-embeddings)
+run on all spots, for ``gex`` (the fraction-fitted GEX embedding), ``concat`` = [IMG ‖ GEX] (docs/reference.md#fused-embeddings)
 and ``comm`` (Z3). Output: the probe table with leading columns ``dataset, mode, config, fraction, seed,
 n_fit, embedding``.
 """
@@ -52,7 +53,7 @@ from ..io import drop_invalid_rows, embedding_frame, intersect_tables, read_embe
 
 log = logging.getLogger(__name__)
 
-FRACTIONS = (0.01, 0.0316, 0.1, 0.316, 1.0)  # reference, docs/reference.md#data-scaling
+FRACTIONS = (0.01, 0.0316, 0.1, 0.316, 1.0)  # the reference's fractions, docs/reference.md#data-scaling
 SUBSAMPLE_STAGES = ("gex_encoder", "alignment")
 SCALING_EMBEDDINGS = ("gex", "concat", "comm")
 LEAD_COLUMNS = ["dataset", "mode", "config", "fraction", "seed", "n_fit", "embedding"]
@@ -174,7 +175,7 @@ def evaluate_embeddings(z_gex: pd.DataFrame, z_img: pd.DataFrame, adata, tasks: 
     z3 = res.z3 if fit_rows is None else embed_with_state(res.state, g, i, device)[0]
     embs = {
         "gex": z_gex,
-        "concat": embedding_frame(np.hstack([i, g]), z_gex.index),  # [IMG ‖ GEX], reference, docs/reference.md#fused-embeddings
+        "concat": embedding_frame(np.hstack([i, g]), z_gex.index),  # [IMG ‖ GEX], docs/reference.md#fused-embeddings
         "comm": embedding_frame(z3, z_gex.index),
     }
     out = []

@@ -1,9 +1,9 @@
-"""Spectral analysis of the cross-covariance between two views (reference, docs/reference.md#figures, ``spectral_analysis`` config).
+"""Spectral analysis of the cross-covariance between two views.
 
 The paper's "spectral ceiling" argument: a CCA-like objective can only capture what is *linearly*
 shared between the two unimodal embeddings, i.e. the directions of the whitened cross-covariance whose
 singular values stand out of noise. This module measures that spectrum and how many directions carry
-signal.
+signal. The reference's ``spectral_analysis`` configuration is described in docs/reference.md#figures.
 
 Definitions (for views X (n × p) and Y (n × q) of the same n spots, rows paired)
 --------------------------------------------------------------------------------
@@ -64,8 +64,9 @@ from ..io import drop_invalid_rows, intersect_tables, read_embedding, setup_logg
 
 log = logging.getLogger(__name__)
 
-#: Defaults of ``config: spectral`` (reference, docs/reference.md#figures: spectral_gap_threshold 0.01, regularization 1e-6,
-#: n_permutations 100, n_eval_samples 1000, use_whitening true). ``n_eval_samples: null`` = all spots.
+#: Defaults of ``config: spectral``: the reference's values (docs/reference.md#figures: spectral_gap_threshold 0.01,
+#: regularization 1e-6, n_permutations 100, use_whitening true), except ``n_eval_samples``: the reference uses 1000,
+#: here ``None`` = all spots.
 DEFAULTS = {
     "n_permutations": 100,
     "regularization": 1.0e-6,

@@ -1,4 +1,4 @@
-"""Dataset readers and the spot data model (:mod:`workflow_scripts.data.model`)."""
+"""Dataset readers, raw-data downloads and the spot data model (:mod:`workflow_scripts.data.model`)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,23 @@ _INPUT_LISTERS = {
 }
 
 
-def input_files(params: dict) -> list[str]:
-    """Raw files a dataset's ``prepare`` job reads, so Snakemake can name any missing one before it runs.
+def input_files(params: dict, dataset: str | None = None) -> list[str]:
+    """Raw files a dataset's ``prepare`` job reads: its inputs in the DAG.
 
-    Readers that cannot list their files up front return ``[]`` (their own reader then names missing files).
+    The reader module's ``input_files(params)`` lists them (the configured ``files.*`` of the built samples).
+    Where they have no lister, or it lists nothing, and the dataset has a ``download`` block, the files that
+    block produces are the inputs instead (:func:`workflow_scripts.data.download.download_outputs`). Either way
+    the download rules (``rules/download.smk``) produce these paths, so Snakemake fetches what is public before
+    ``prepare`` and names the files to place by hand. ``dataset`` is the config key (default ``params['name']``),
+    which the download block's default ``dest_dir`` uses. Paths are relative to the working directory.
     """
+    files: list[str] = []
     mod = _INPUT_LISTERS.get(params.get("reader", ""))
-    if mod is None:
-        return []
-    try:
-        module = importlib.import_module(mod)
-    except ImportError:
-        return []
-    fn = getattr(module, "input_files", None)
-    return [str(Path(p)) for p in fn(params)] if fn else []
+    if mod is not None:
+        fn = getattr(importlib.import_module(mod), "input_files", None)
+        files = [str(Path(p)) for p in fn(params)] if fn else []
+    if not files and params.get("download"):
+        from .download import download_outputs
+
+        files = download_outputs(dataset or str(params.get("name") or ""), params)
+    return files

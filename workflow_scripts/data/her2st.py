@@ -25,30 +25,51 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..io import read_table
 from .model import validate_spots
 
 log = logging.getLogger(__name__)
 
+#: How to restore a missing or damaged HER2ST file (appended to every error about one).
+RESTORE = (
+    "The repository ships the HER2ST files under resources/her2st (checksums in resources/her2st/SHA256SUMS); "
+    "restore them with `git checkout -- resources/her2st` or fix `resource_dir` in the config."
+)
+#: Columns each HER2ST table must have (keyed by the `sections.tsv` column that holds its path, or its name).
+COLUMNS = {
+    "sections": ("section", "patient", "counts_path", "spots_path", "clusters_path", "deconv_path", "image_path",
+                 "coord_scale", "um_per_px", "orig_um_per_px"),
+    "harmonisation": ("patient", "cluster", "harmonised"),
+    "spots_path": ("x", "y", "pixel_x", "pixel_y"),
+    "clusters_path": ("patient_id", "label", "x", "y"),
+    "pathology_path": ("x", "y", "label"),
+}
+
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(
-            f"HER2ST input file missing: {path}. The repository ships it under resources/her2st; "
-            "restore it with `git checkout -- resources/her2st` or fix `resource_dir` in the config."
-        )
+        raise FileNotFoundError(f"HER2ST input file missing: {path}. {RESTORE}")
     return path
 
 
+def _table(path: Path, columns: tuple[str, ...] = (), **kw) -> pd.DataFrame:
+    """A HER2ST table; FileNotFoundError / DataFileError (truncated, corrupt, missing columns) name the file."""
+    return read_table(_need(path), required=columns, hint=RESTORE, sep="\t", **kw)
+
+
 def read_sections_table(resource_dir: str | Path) -> pd.DataFrame:
-    """Read ``sections.tsv`` (one row per section) from the HER2ST resource folder."""
+    """Read ``sections.tsv`` (one row per section) from the HER2ST resource folder.
+
+    Raises FileNotFoundError naming the file when absent, DataFileError when it lacks a column it needs.
+    """
     resource_dir = Path(resource_dir)
-    return pd.read_csv(_need(resource_dir / "sections.tsv"), sep="\t", dtype={"section": str}).set_index("section")
+    return _table(resource_dir / "sections.tsv", COLUMNS["sections"], dtype={"section": str}).set_index("section")
 
 
 def _read_section(resource_dir: Path, row: pd.Series, section: str, harmon: pd.DataFrame) -> ad.AnnData:
-    counts = pd.read_csv(_need(resource_dir / row["counts_path"]), sep="\t", index_col=0)
+    counts = _table(resource_dir / row["counts_path"], index_col=0)
     counts.index = counts.index.astype(str)
-    spots = pd.read_csv(_need(resource_dir / row["spots_path"]), sep="\t")
+    spots = _table(resource_dir / row["spots_path"], COLUMNS["spots_path"])
     spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
     spots = spots[~spots.index.duplicated()]
     missing = counts.index.difference(spots.index)
@@ -73,7 +94,7 @@ def _read_section(resource_dir: Path, row: pd.Series, section: str, harmon: pd.D
     obs["px_y"] = spots["pixel_y"].to_numpy(float) * float(row["coord_scale"])
 
     # expression-cluster labels, keyed by integer array x,y
-    cl = pd.read_csv(_need(resource_dir / row["clusters_path"]), sep="\t", index_col=0)
+    cl = _table(resource_dir / row["clusters_path"], COLUMNS["clusters_path"], index_col=0)
     cl.index = cl["x"].astype(int).astype(str) + "x" + cl["y"].astype(int).astype(str)
     cl = cl[~cl.index.duplicated()]
     key = pd.MultiIndex.from_arrays([cl["patient_id"].astype(str), cl["label"].astype(int)])
@@ -85,7 +106,7 @@ def _read_section(resource_dir: Path, row: pd.Series, section: str, harmon: pd.D
         log.warning("%s: %d of %d spots have no expression-cluster label", section, n_nolab, len(obs))
 
     # stereoscope major cell-type proportions, keyed by "{x}x{y}"
-    dec = pd.read_csv(_need(resource_dir / row["deconv_path"]), sep="\t", index_col=0)
+    dec = _table(resource_dir / row["deconv_path"], index_col=0)
     dec.index = dec.index.astype(str)
     comp = dec.reindex(counts.index)
     n_nocomp = int(comp.isna().any(axis=1).sum())
@@ -96,7 +117,7 @@ def _read_section(resource_dir: Path, row: pd.Series, section: str, harmon: pd.D
     obs["pathology"] = np.nan
     ppath = row.get("pathology_path")
     if isinstance(ppath, str) and ppath:
-        pat = pd.read_csv(_need(resource_dir / ppath), sep="\t")
+        pat = _table(resource_dir / ppath, COLUMNS["pathology_path"])
         pat.index = pat["x"].round().astype(int).astype(str) + "x" + pat["y"].round().astype(int).astype(str)
         pat = pat[~pat.index.duplicated()]
         obs["pathology"] = pat["label"].reindex(counts.index).to_numpy()
@@ -124,21 +145,25 @@ def read_her2st(
     Parameters
     ----------
     resource_dir : folder with ``sections.tsv`` and the files it names.
-    sections : section ids to read (default: every row of ``sections.tsv``).
+    sections : section ids to read (None: every row of ``sections.tsv``; an empty list is an error).
     max_spots_per_slide : if set, keep a random subset of at most this many spots per section
         (seeded by ``seed``), for quick test runs.
 
     Genes are the union over sections (absent genes are zero-filled). Spots without labels keep NaN
     labels; spots without composition get an all-NaN composition row (the probes drop them, with a log).
-    Raises FileNotFoundError naming any missing input file, ValueError for unknown section ids.
+    Raises FileNotFoundError naming any missing input file, ValueError for unknown section ids or an empty
+    ``sections``, :class:`workflow_scripts.io.DataFileError` naming a truncated or corrupt file or a missing column.
     """
     resource_dir = Path(resource_dir)
     table = read_sections_table(resource_dir)
-    sections = list(sections) if sections else list(table.index)
+    if sections is not None and len(sections) == 0:
+        raise ValueError("sections is empty: list section ids, or leave it out (null) to read every section of "
+                         f"{resource_dir / 'sections.tsv'} (config key datasets.<name>.sections)")
+    sections = list(table.index) if sections is None else list(sections)
     unknown = [s for s in sections if s not in table.index]
     if unknown:
         raise ValueError(f"unknown HER2ST sections {unknown}; {resource_dir / 'sections.tsv'} lists {list(table.index)}")
-    harmon = pd.read_csv(_need(resource_dir / "clusters" / "harmonisation.tsv"), sep="\t")
+    harmon = _table(resource_dir / "clusters" / "harmonisation.tsv", COLUMNS["harmonisation"])
     harmon = harmon.set_index(["patient", "cluster"])
     harmon.index = harmon.index.set_levels([harmon.index.levels[0].astype(str), harmon.index.levels[1].astype(int)])
 
@@ -187,7 +212,7 @@ def input_files(params: dict) -> list[str]:
     if not files[0].exists():
         return [str(f) for f in files]
     table = read_sections_table(resource_dir)
-    sections = params.get("sections") or list(table.index)
+    sections = list(table.index) if params.get("sections") is None else params["sections"]
     cols = ["counts_path", "spots_path", "clusters_path", "deconv_path", "pathology_path", "image_path"]
     for s in sections:
         if s not in table.index:

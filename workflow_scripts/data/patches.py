@@ -20,6 +20,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from ..io import DataFileError
+
 log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = None  # whole-slide images are larger than Pillow's decompression-bomb guard
 
@@ -57,6 +59,7 @@ class TiffSlide(ArraySlide):
         import tifffile
         import zarr
 
+        self.path = Path(path)
         self._tif = tifffile.TiffFile(path)
         series = self._tif.series[0]
         level0 = series.levels[0]
@@ -84,7 +87,10 @@ class TiffSlide(ArraySlide):
                 slice(ya, yb) if a == "Y" else slice(xa, xb) if a == "X" else slice(0, 3) if i == self._chan else 0
                 for i, a in enumerate(self._axes)
             )
-            region = np.asarray(self.array[idx])
+            try:
+                region = np.asarray(self.array[idx])
+            except Exception as e:  # noqa: BLE001 - tile decoders (imagecodecs, zarr) raise their own types
+                raise _unreadable(self.path, e) from e
             kept = [a for i, a in enumerate(self._axes) if a in "YX" or i == self._chan]
             if self._chan is not None:
                 region = np.moveaxis(region, kept.index(self._axes[self._chan]), -1)
@@ -98,15 +104,35 @@ class TiffSlide(ArraySlide):
         return out
 
 
+def _unreadable(path: Path, err: Exception) -> DataFileError:
+    return DataFileError(
+        f"slide image {path} cannot be decoded ({type(err).__name__}: {err}): the file is truncated or corrupt "
+        "(an interrupted copy or download?). Restore or re-download it; the spots table's uns['slides'] names "
+        "the image of each slide."
+    )
+
+
 def open_slide(path: str | Path) -> ArraySlide:
-    """Open a slide image; raises FileNotFoundError naming the path if it is missing."""
+    """Open a slide image.
+
+    Raises FileNotFoundError naming the path if it is missing, and :class:`workflow_scripts.io.DataFileError`
+    naming it when it cannot be decoded (truncated or corrupt file, not an image).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"slide image not found: {path}")
     if path.suffix.lower() in (".tif", ".tiff") or path.name.lower().endswith(".ome.tif"):
-        return TiffSlide(path)
-    with Image.open(path) as im:
-        return ArraySlide(np.asarray(im.convert("RGB")))
+        try:
+            return TiffSlide(path)
+        except Exception as e:  # noqa: BLE001 - tifffile raises many types for damaged files
+            if isinstance(e, ValueError) and str(path) in str(e):  # TiffSlide's own layout errors name the file
+                raise
+            raise _unreadable(path, e) from e
+    try:
+        with Image.open(path) as im:
+            return ArraySlide(np.asarray(im.convert("RGB")))
+    except (OSError, EOFError, SyntaxError, ValueError) as e:  # Pillow: "image file is truncated", not an image
+        raise _unreadable(path, e) from e
 
 
 def patch_size_px(patch_um: float, um_per_px: float) -> int:

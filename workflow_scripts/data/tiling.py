@@ -1,8 +1,8 @@
 """Patch building for cell-level data (Xenium): tile the tissue, collect the cells of each tile.
 
-The paper's datasets pair one H&E patch with "the cells inside it" (``shared/reference/
-docs/reference.md#pipeline and docs/reference.md#flaw-5: ``gexp`` = cells × genes of the patch, at most 200 cells,
-``annotation`` = region label of the patch, ``cell_type_ratio`` = cell-type fractions). The reference
+The paper's datasets pair one H&E patch with "the cells inside it" (docs/reference.md#pipeline and
+docs/reference.md#flaw-5: ``gexp`` = cells × genes of the patch, at most 200 cells, ``annotation`` = region label of
+the patch, ``cell_type_ratio`` = cell-type fractions). The reference
 does not publish the patch geometry, so it is configured here:
 
 * Tiles are squares of side ``patch_um`` µm laid on a regular grid with step ``stride_um`` µm (overlapping
@@ -17,7 +17,7 @@ does not publish the patch geometry, so it is configured here:
   up to 200 cells per patch"). Counts, labels and compositions all use the kept cells, so the expression
   and the labels of a patch describe the same cells.
 * Patch label = the most frequent region label among its cells (ties → the smallest class index, as
-  ``scipy.stats.mode`` in the reference, docs/reference.md#spatial-rings); ``region_frac`` = share of cells carrying it.
+  ``scipy.stats.mode`` in the reference's rings, docs/reference.md#spatial-rings); ``region_frac`` = share of cells carrying it.
 * Composition = fraction of the kept cells of each cell type, then the unmapped class removed and the rest
   renormalised to sum 1, a zero vector when every cell is unmapped (reference ``load_and_preprocess_data``,
   docs/reference.md#datasets "cell_type_ratio").
@@ -159,7 +159,7 @@ def majority_label(member: sp.spmatrix, codes: np.ndarray, n_classes: int) -> tu
     """Majority class per tile and the share of its cells carrying it.
 
     Returns ``(label (n_tiles,) int, frac (n_tiles,) float)``; ties go to the smallest class index
-    (``np.argmax`` takes the first maximum, like ``scipy.stats.mode`` in the reference, docs/reference.md#spatial-rings).
+    (``np.argmax`` takes the first maximum, like ``scipy.stats.mode`` in the reference's rings, docs/reference.md#spatial-rings).
     Tiles without cells get label -1 and frac 0.
     """
     counts = class_counts(member, codes, n_classes)
@@ -174,7 +174,7 @@ def remove_unmapped_and_renormalise(comp: np.ndarray, unmapped_index: int | None
     """Drop column ``unmapped_index`` of a composition matrix and renormalise rows to sum 1.
 
     ``comp`` (n, K) non-negative → (n, K-1) (or (n, K) when ``unmapped_index`` is None). Rows whose remaining
-    sum is 0 stay all-zero (reference ``load_and_preprocess_data``, docs/reference.md#datasets: "zero vector kept if sum 0").
+    sum is 0 stay all-zero (reference ``load_and_preprocess_data``, docs/reference.md#datasets: a zero sum keeps an all-zero vector).
     """
     comp = np.asarray(comp, dtype=float)
     if unmapped_index is not None:

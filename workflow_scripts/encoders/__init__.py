@@ -119,6 +119,13 @@ def encoder_needs_gpu(name: str) -> bool:
     return get_encoder(name).needs_gpu
 
 
+def encoder_modalities() -> dict[str, str]:
+    """Modality ("gex" or "img") of every built-in and registered encoder, without importing a built-in's module."""
+    out = {name: spec[1] for name, spec in _BUILTIN.items()}
+    out.update({name: spec.modality for name, spec in _REGISTRY.items()})
+    return out
+
+
 def known_encoders() -> list[str]:
     """Names of all built-in and registered encoders."""
     return sorted(set(_REGISTRY) | set(_BUILTIN))

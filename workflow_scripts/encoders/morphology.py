@@ -1,6 +1,6 @@
 """``morphology`` — the offline default image encoder: interpretable H&E features per spot patch.
 
-A weight-free stand-in for the paper's UNI2-h image encoder (reference, docs/reference.md#uni2-h). Every spot's patch is
+A weight-free stand-in for the paper's UNI2-h image encoder (docs/reference.md#uni2-h). Every spot's patch is
 cut on demand (:func:`workflow_scripts.data.patches.patch_reader`: ``ctx.patch_um`` µm square resampled
 to ``ctx.patch_px`` px, so one patch pixel is ``ctx.patch_um / ctx.patch_px`` µm, 0.893 µm at the
 defaults 200 µm / 224 px) and described by hand-crafted features computed with scikit-image:

@@ -24,15 +24,18 @@ Tokenisation (docs/reference.md#nicheformer, the official ``NicheformerDataset``
 5. prepend the context tokens ``[specie, assay, modality]`` and truncate to ``max_seq_len`` (1500 = the
    model's context length): at most 1497 gene tokens. Padding id 0 → PAD (1), as ``complete_masking``.
 
-Embedding (``Nicheformer.get_embeddings(layer=-1, with_context=False)``): token + learnable positional
-embedding, encoder layers 0 … ``layer`` with the padding mask, drop the 3 context positions, mean over the
-remaining positions → 512-d per cell. The reference **includes padding positions** in that mean (sequences
-padded to 1500); ``exclude_padding: true`` (default) averages over gene tokens only and pads each batch
-only to its longest sequence (cells sorted by length), which gives the same gene-token outputs (padding keys
-are masked) and is far cheaper for sparse panels. ``exclude_padding: false`` reproduces the reference: every
-sequence padded to ``max_seq_len`` and the mean taken over all 1497 positions.
+Embedding (``Nicheformer.get_embeddings(layer=-1, with_context=False)``, theislab/nicheformer
+``src/nicheformer/models/_nicheformer.py``): token + learnable positional embedding, encoder layers 0 … ``layer``
+with the padding mask, drop the 3 context positions, mean over the remaining positions → 512-d per cell. The
+official code, and the reference with it, **includes the padding positions** in that mean (every sequence padded
+to the context length, 1500). That is the default here (``exclude_padding: false``): every sequence is padded to
+``max_seq_len`` (1500 = the context length) and the mean is taken over all 1497 positions, which reproduces
+``get_embeddings`` exactly (tests/test_nicheformer.py). ``exclude_padding: true`` is an option: the mean over
+gene tokens only, each batch padded only to its longest sequence (cells sorted by length). Its gene-token outputs
+are the same (padding keys are masked), it does not depend on how far a cell is padded, and it is far cheaper for
+sparse panels (~100 genes per Xenium cell), but it is a different embedding from the published one.
 
-Spot / patch embedding = mean over the spot's cells (the reference, docs/reference.md#nicheformer): ``ctx.extra["cells"]`` is a cells
+Spot / patch embedding = mean over the spot's cells (as in the reference, docs/reference.md#nicheformer): ``ctx.extra["cells"]`` is a cells
 AnnData with ``obs['spot_id']``; without it each spot is one cell. Cells with zero counts (or none in
 vocabulary genes) are dropped and counted in the log; spots left without a cell get a NaN row (logged).
 
@@ -48,7 +51,7 @@ Parameters (``params``; defaults in :data:`DEFAULTS`)::
     assay: "10x 3' transcription profiling"   # name (see ASSAY_TOKENS) or id
     modality: spatial           # spatial (4) | dissociated (3) | an id
     max_seq_len: 1500           # tokens per cell including the 3 context tokens (<= context length)
-    exclude_padding: true       # false = reference mean over padding positions
+    exclude_padding: false      # false = official get_embeddings (mean includes padding); true = gene tokens only
     layer: -1                   # encoder layer whose output is averaged (-1 = last)
     precision: auto             # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     tiny: false / arch: {}      # tests: small architecture through the same code path
@@ -145,7 +148,7 @@ DEFAULTS = {
     "assay": "10x 3' transcription profiling",
     "modality": "spatial",
     "max_seq_len": 1500,
-    "exclude_padding": True,
+    "exclude_padding": False,
     "layer": -1,
     "precision": "auto",
     "tiny": False,
@@ -202,13 +205,14 @@ class Nicheformer(nn.Module):
     def dim(self) -> int:
         return self.hparams["dim_model"]
 
-    def embed(self, tokens: torch.Tensor, layer: int = -1, exclude_padding: bool = True) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, layer: int = -1, exclude_padding: bool = False) -> torch.Tensor:
         """Cell embeddings ``(B, dim_model)`` float32 of token ids ``(B, L)``.
 
         Source: ``Nicheformer.get_embeddings`` (docs/reference.md#nicheformer): ids 0 → PAD (1); token + positional embedding
         (positions 0 … L-1); encoder layers 0 … ``layer`` with ``src_key_padding_mask = (id == PAD)``; drop
         the first 3 (context) positions; mean over the rest — over non-padding positions only when
-        ``exclude_padding`` (a cell without gene tokens gives NaN), over all positions otherwise (reference).
+        ``exclude_padding`` (a cell without gene tokens gives NaN), over all positions otherwise (official,
+        the default: pass sequences padded to the context length to reproduce ``get_embeddings``).
         Raises ValueError when L exceeds the context length or ``layer`` is out of range.
         """
         n_layers = len(self.encoder.layers)
@@ -230,7 +234,7 @@ class Nicheformer(nn.Module):
         keep = (~pad[:, N_CONTEXT:]).unsqueeze(-1).to(h.dtype)
         return (h * keep).sum(dim=1) / keep.sum(dim=1)
 
-    def forward(self, tokens: torch.Tensor, layer: int = -1, exclude_padding: bool = True) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, layer: int = -1, exclude_padding: bool = False) -> torch.Tensor:
         return self.embed(tokens, layer, exclude_padding)
 
 
@@ -623,11 +627,11 @@ def collate_tokens(items, pad_to: int | None = None):
 
 
 def iter_cell_embeddings(model: Nicheformer, dataset: CellTokenDataset, cells: np.ndarray, device, batch_size: int,
-                         num_workers: int = 0, layer: int = -1, exclude_padding: bool = True, precision: str = "auto"):
+                         num_workers: int = 0, layer: int = -1, exclude_padding: bool = False, precision: str = "auto"):
     """Yield ``(cell_rows, embeddings)`` (int64 ``(b,)``, float32 ``(b, dim)``) for the rows ``cells``.
 
     ``exclude_padding``: cells sorted by token count (longest first) and each batch padded to its longest
-    sequence; otherwise every sequence is padded to ``max_seq_len`` (reference).
+    sequence; otherwise (default) every sequence is padded to ``max_seq_len`` (official ``get_embeddings``).
     """
     device = torch.device(device)
     dtype = autocast_dtype(device, precision)
@@ -648,7 +652,7 @@ def iter_cell_embeddings(model: Nicheformer, dataset: CellTokenDataset, cells: n
 
 
 def embed_cells(model: Nicheformer, dataset: CellTokenDataset, device="cpu", batch_size: int = 64, num_workers: int = 0,
-                layer: int = -1, exclude_padding: bool = True, precision: str = "auto") -> np.ndarray:
+                layer: int = -1, exclude_padding: bool = False, precision: str = "auto") -> np.ndarray:
     """``(n_cells, dim)`` float32 embeddings of every cell of ``dataset`` (row order)."""
     out = np.full((len(dataset), model.dim), np.nan, dtype=np.float32)
     for idx, emb in iter_cell_embeddings(model, dataset, np.arange(len(dataset)), device, batch_size, num_workers, layer,
@@ -788,6 +792,9 @@ def encode_nicheformer(adata, params: dict, ctx: EncodeContext) -> pd.DataFrame:
     max_seq_len = int(p["max_seq_len"])
     if max_seq_len > context_length:
         raise ValueError(f"encoders.nicheformer.max_seq_len {max_seq_len} exceeds the model's context length {context_length}")
+    if not p["exclude_padding"] and max_seq_len < context_length:
+        log.warning("nicheformer: max_seq_len %d < context length %d: the mean over padded positions is not the official "
+                    "get_embeddings, which pads every cell to the context length", max_seq_len, context_length)
     vocab_path = resolve_resource(p["vocabulary"], "Nicheformer vocabulary (model.h5ad)", "encoders.nicheformer.vocabulary")
     vocab = load_vocabulary(vocab_path)
     if len(vocab) + AUX_TOKENS > n_tokens:

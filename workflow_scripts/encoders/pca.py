@@ -2,7 +2,7 @@
 
 This is the classic scanpy preprocessing chain (Wolf et al., Genome Biol 19:15, 2018; HVG selection
 of Satija et al., Nat Biotechnol 33:495, 2015, ``flavor="seurat"``), used here as a weight-free
-stand-in for the paper's Nicheformer GEX encoder (reference, docs/reference.md#nicheformer), which needs downloaded weights.
+stand-in for the paper's Nicheformer GEX encoder (docs/reference.md#nicheformer), which needs downloaded weights.
 
 Steps, on a copy of the spots AnnData (``X`` = raw counts, spots × genes):
 

@@ -2,7 +2,7 @@
 
 * :func:`resolve_device` — ``"auto"`` → CUDA when available, else CPU (logged);
 * :func:`autocast_dtype` / :func:`autocast` — mixed precision on the GPU (bf16 where supported, else
-  fp16; reference, docs/reference.md#uni2-h runs UNI2-h under fp16 autocast), full fp32 on the CPU unless asked otherwise;
+  fp16; the reference runs UNI2-h under fp16 autocast, docs/reference.md#uni2-h), full fp32 on the CPU unless asked otherwise;
 * :class:`PatchDataset` + :func:`make_loader` — a DataLoader whose worker processes cut H&E patches
   from the slide images in parallel (:class:`workflow_scripts.data.patches.PatchReader`), in slide order,
   into pinned memory when the target is a GPU;

@@ -1,6 +1,6 @@
 """``uni2h`` — the paper's image encoder: UNI2-h (MahmoodLab), a ViT-giant/14 with 8 register tokens.
 
-Architecture (reference docs/weights.md, docs/reference.md#uni2-h; the UNI2-h model
+Architecture (docs/weights.md, docs/reference.md#uni2-h; the UNI2-h model
 card's ``timm_kwargs``): ``timm.create_model("vit_giant_patch14_224", pretrained=False, img_size=224,
 patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667*2,
 num_classes=0, no_embed_class=True, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU,
@@ -10,7 +10,7 @@ Input: the spot's H&E patch, ``ctx.patch_um`` µm wide, resampled to ``ctx.patch
 (:mod:`workflow_scripts.data.patches`), scaled to [0, 1] and normalised with the **ImageNet** mean
 (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) — hard-coded, because timm's local default
 ``pretrained_cfg`` for this architecture name says mean = std = 0.5, which is wrong for UNI2-h
-(docs/weights.md, "Pitfall").
+(docs/weights.md, "Known pitfalls").
 
 Output: ``model(x)``, the 1536-d CLS token after the final LayerNorm (``global_pool="token"``); equal to
 ``forward_features(x)[:, 0]``, which is what cell_synergy takes (docs/reference.md#uni2-h).

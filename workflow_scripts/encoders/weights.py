@@ -7,12 +7,12 @@ where to get them. Fetching is a separate, explicit step (rule ``download_weight
 
 * **UNI2-h** — Hugging Face ``MahmoodLab/UNI2-h``, file ``pytorch_model.bin`` (~2.7 GB, 681,394,176 fp32
   parameters). Gated: log in, accept the CC-BY-NC-ND-4.0 terms on the model page, create a read token and
-  export it as ``HF_TOKEN`` (reference: docs/weights.md).
+  export it as ``HF_TOKEN`` (docs/weights.md).
 * **Nicheformer** — Hugging Face ``aletlvl/Nicheformer`` (safetensors release, ``model.safetensors`` plus
   ``config.json``; not known to be gated, so no token is required, but one is used when set; the file name
   is the ``save_pretrained`` default and was not verified offline — override ``weights.nicheformer.filename``), or the original Lightning checkpoint
   ``nicheformer.ckpt`` (~546 MB) from Mendeley Data (link in the README of github.com/theislab/nicheformer;
-  docs/weights.md notes that the link was reported broken in 2025-01). Both formats load.
+  docs/weights.md notes that users reported the link inaccessible in January 2025). Both formats load.
 
 CLI::
 
@@ -23,8 +23,11 @@ CLI::
 
 ``download`` writes the file atomically and, next to it, ``<file>.provenance.json`` (repo id, file name,
 revision, sha256, size, UTC time) — no checksums are published upstream, so the first download's hash is the
-record. ``check`` loads the file into the exact architecture (UNI2-h: built on the meta device, no 2.7 GB
-random initialisation) and prints missing / unexpected / mismatched keys.
+record. A failed download names its cause with the fix — offline (no connection, or ``HF_HUB_OFFLINE`` set),
+unauthorised (no or invalid token, terms not accepted), repository / revision / file not found — and leaves no
+partial folder behind. The token is never written to a log or a message. ``check`` loads the file into the exact
+architecture (UNI2-h: built on the meta device, no 2.7 GB random initialisation) and prints missing / unexpected /
+mismatched keys.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +174,79 @@ def _hf_download(**kw) -> str:
     return hf_hub_download(**kw)
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that mean "huggingface.co could not be reached" (socket, httpx, requests)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for mod, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                       ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        types += [getattr(m, n) for n in names if hasattr(m, n)]
+    return tuple(types)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def scrub(text: str, token: str | None) -> str:
+    """``text`` with the token replaced by ``hf_***`` (messages and logs never carry it)."""
+    return text.replace(token, "hf_***") if token else text
+
+
+def hub_error(e: BaseException, model: str, repo_id: str, filename: str, revision: str | None,
+              token: str | None) -> WeightsError:
+    """A :class:`WeightsError` naming why a Hugging Face download failed and the fix, from the exception class.
+
+    Classes (``huggingface_hub.errors``): ``OfflineModeIsEnabled`` (HF_HUB_OFFLINE set) and
+    ``LocalEntryNotFoundError`` or a socket/httpx/requests connection error (offline); ``GatedRepoError`` (terms
+    not accepted); ``RepositoryNotFoundError`` (HTTP 401/404: no token for a gated or private repository, or a
+    wrong id); ``RevisionNotFoundError``; ``RemoteEntryNotFoundError`` / ``EntryNotFoundError`` (no such file);
+    ``HfHubHTTPError`` with status 401/403 (invalid token or missing permission). The token never appears.
+    """
+    from huggingface_hub import errors as hf
+
+    s = source(model)
+    rev = revision or "main"
+    place = f"or place the file by hand at the configured path (weights.{model}.path)"
+    chain = _chain(e)
+    detail = scrub(f"{e.__class__.__name__}: {e}", token).splitlines()[0][:300]
+    if any(isinstance(x, hf.OfflineModeIsEnabled) for x in chain):
+        msg = (f"{model}: offline mode is on (HF_HUB_OFFLINE is set), so {repo_id}/{filename} cannot be downloaded. "
+               f"Unset HF_HUB_OFFLINE on a machine with internet access and rerun, {place}.")
+    elif isinstance(e, hf.LocalEntryNotFoundError) or any(isinstance(x, _connection_errors()) for x in chain):
+        msg = (f"{model}: cannot reach huggingface.co to download {repo_id}/{filename} (no network connection, "
+               f"proxy or firewall). Run the download on a machine with internet access and copy "
+               f"resources/weights/{model}/ here, {place}.")
+    elif isinstance(e, hf.GatedRepoError):
+        msg = (f"{model}: access to the gated repository {repo_id} refused. Log in on {s.page}, accept its terms "
+               f"with the account whose token is in HF_TOKEN, and rerun" + ("" if token else
+               "; no token is set: export HF_TOKEN=hf_... (a read token)") + ".")
+    elif isinstance(e, hf.RevisionNotFoundError):
+        msg = f"{model}: {repo_id} has no revision {rev!r}; fix weights.{model}.revision (a branch, tag or commit)."
+    elif isinstance(e, hf.RepositoryNotFoundError):
+        msg = (f"{model}: repository {repo_id} not found or not visible (HTTP 401/404). "
+               + ("No token is set: it is gated or private, so export HF_TOKEN=hf_... (a read token of an account "
+                  f"that accepted the terms on {s.page})." if not token else
+                  f"Check weights.{model}.repo_id, and that the token's account may read it ({s.page})."))
+    elif isinstance(e, (hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)):
+        msg = (f"{model}: {repo_id} (revision {rev}) has no file {filename!r}; look at the file list on {s.page} and "
+               f"set weights.{model}.filename.")
+    elif isinstance(e, hf.HfHubHTTPError) and getattr(e.response, "status_code", None) in (401, 403):
+        msg = (f"{model}: Hugging Face refused the request (HTTP {e.response.status_code}): the token is invalid, "
+               f"expired or lacks read permission. Create a read token on https://huggingface.co/settings/tokens, "
+               f"export it as HF_TOKEN and rerun.")
+    else:
+        msg = f"{model}: download of {repo_id}/{filename} failed."
+    return WeightsError(scrub(f"{msg} ({detail}) {how_to_get(model)}", token))
+
+
 def download_weights(
     model: str,
     dest: str | Path,
@@ -183,10 +261,10 @@ def download_weights(
     stored under the name ``dest`` (atomic rename), the ``extra_files`` of the source (e.g. Nicheformer's
     ``config.json``) next to it when the repository has them. Writes ``<dest>.provenance.json``.
     The token is ``token`` or :func:`hf_token`. Raises :class:`WeightsError` with the fix when a gated
-    model has no token, access is refused, the repository/file does not exist, or the network fails.
+    model has no token, when the suffix of ``dest`` differs from the repository file's, and on every failed
+    download (offline, unauthorised, not found: :func:`hub_error`); the working folder ``.download_<model>`` and
+    any ``.part`` file are removed whatever happens.
     """
-    from huggingface_hub import errors as hf_errors
-
     s = source(model)
     repo_id = repo_id or s.repo_id
     filename = filename or s.filename
@@ -204,45 +282,32 @@ def download_weights(
             f"an account that accepted the terms on {s.page}) and run again. {how_to_get(model)}"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".download_{model}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    log.info("downloading %s/%s (revision %s) -> %s", repo_id, filename, revision or "main", dest)
-    try:
-        got = Path(_hf_download(repo_id=repo_id, filename=filename, revision=revision, token=token or None, local_dir=tmp))
-    except hf_errors.GatedRepoError as e:
-        raise WeightsError(
-            f"{model}: access to {repo_id} refused (gated). Accept the terms on {s.page} with the account whose "
-            f"token is in HF_TOKEN. ({e.__class__.__name__}: {e})"
-        ) from e
-    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
-        raise WeightsError(
-            f"{model}: repository {repo_id} (revision {revision or 'main'}) not found or not visible with this token; "
-            f"check weights.{model}.repo_id. {how_to_get(model)}"
-        ) from e
-    except hf_errors.EntryNotFoundError as e:
-        raise WeightsError(
-            f"{model}: {repo_id} has no file {filename!r}; look at the file list on {s.page} and set "
-            f"weights.{model}.filename. {how_to_get(model)}"
-        ) from e
-    except Exception as e:  # noqa: BLE001 - network / offline / HTTP errors
-        raise WeightsError(
-            f"{model}: download of {repo_id}/{filename} failed ({e.__class__.__name__}: {e}). This needs internet "
-            f"access to huggingface.co (unset HF_HUB_OFFLINE). {how_to_get(model)}"
-        ) from e
-    extras = []
-    for extra in s.extra_files:
-        try:
-            p = Path(_hf_download(repo_id=repo_id, filename=extra, revision=revision, token=token or None, local_dir=tmp))
-        except Exception as e:  # noqa: BLE001 - optional companion file
-            log.warning("%s: optional file %s not fetched from %s (%s)", model, extra, repo_id, e)
-            continue
-        shutil.move(str(p), dest.parent / extra)
-        extras.append(extra)
+    tmp = dest.parent / f".download_{model}"  # huggingface_hub's local_dir; removed whatever happens
     part = dest.with_name(dest.name + ".part")
-    shutil.move(str(got), part)
-    os.replace(part, dest)
     shutil.rmtree(tmp, ignore_errors=True)
+    log.info("downloading %s/%s (revision %s) -> %s", repo_id, filename, revision or "main", dest)
+    extras = []
+    try:
+        try:
+            got = Path(_hf_download(repo_id=repo_id, filename=filename, revision=revision, token=token or None,
+                                    local_dir=tmp))
+        except Exception as e:  # noqa: BLE001 - classified by hub_error: offline, unauthorised, not found, other
+            raise hub_error(e, model, repo_id, filename, revision, token) from None
+        for extra in s.extra_files:
+            try:
+                p = Path(_hf_download(repo_id=repo_id, filename=extra, revision=revision, token=token or None,
+                                      local_dir=tmp))
+            except Exception as e:  # noqa: BLE001 - optional companion file: say why, go on
+                log.warning("optional file %s not fetched: %s", extra, hub_error(e, model, repo_id, extra, revision,
+                                                                                 token))
+                continue
+            shutil.move(str(p), dest.parent / extra)
+            extras.append(extra)
+        shutil.move(str(got), part)
+        os.replace(part, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        part.unlink(missing_ok=True)
     digest = sha256_file(dest)
     prov = {
         "model": model,
@@ -297,8 +362,8 @@ def main(argv=None) -> None:
             report = check_weights(a.model, a.path, json.loads(a.arch) or None)
             print(json.dumps(report, indent=2, default=str))
     except WeightsError as e:
-        log.error("%s", e)  # into the rule's log as well as stderr
-        raise SystemExit(1) from e
+        log.error("%s", scrub(str(e), hf_token()))  # into the rule's log as well as stderr
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

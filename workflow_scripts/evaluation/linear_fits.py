@@ -120,7 +120,7 @@ def fit_classifier_split(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: 
     """Standardised logistic-regression probe on one split; macro-F1 over the classes common to both parts.
 
     ``X`` (n, d) features, ``y`` (n,) labels, ``train`` / ``test`` row indices. Same protocol as
-    :func:`workflow_scripts.evaluation.probes.fit_classifier_fold` (reference, docs/reference.md#probes): rows
+    :func:`workflow_scripts.evaluation.probes.fit_classifier_fold` (docs/reference.md#probes): rows
     of classes absent from the other part are dropped (logged), None (logged) when fewer than 2 common classes
     or fewer than ``min_train`` / ``min_test`` rows remain; the scaler is fitted on the training part.
     Computed in float32 with an optional warm start (module docstring).
@@ -165,7 +165,7 @@ class RidgeFit:
         return np.asarray(X, dtype=np.float64) @ self.coef + self.intercept
 
 
-def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit:
+def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float], overwrite_x: bool = False) -> RidgeFit:
     """Ridge regression with one alpha for all outputs chosen by leave-one-out R² (as ``RidgeCV(scoring="r2")``).
 
     Parameters
@@ -175,6 +175,7 @@ def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit
         leverages approach 1 and the leave-one-out residuals ``e / (1 − h)`` amplify rounding errors.
     Y : (n,) or (n, k) targets.
     alphas : candidate penalties (> 0).
+    overwrite_x : centre ``X`` in place (saves a copy of it; the caller's array is changed).
 
     With an unpenalised intercept the hat matrix of ridge is ``H = 11ᵀ/n + X̃ (X̃ᵀX̃ + αI)⁻¹ X̃ᵀ`` (X̃ = centred X),
     and the leave-one-out residual of row i is ``(yᵢ − ŷᵢ) / (1 − Hᵢᵢ)`` (the leave-one-out identity of linear
@@ -200,19 +201,25 @@ def ridge_loo(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float]) -> RidgeFit
         raise ValueError(f"ridge_loo: need >= 3 rows, equal rows in X {X.shape} and Y {Y.shape}, alphas > 0 "
                          f"(got {list(a)})")
     x_mean = X.mean(axis=0, dtype=np.float64)
-    Xc = X - x_mean.astype(X.dtype)
+    if overwrite_x and X.flags.writeable:
+        X -= x_mean.astype(X.dtype)
+        Xc = X
+    else:
+        Xc = X - x_mean.astype(X.dtype)
+    del X
     y_mean = Y2.mean(axis=0)
     Yc = Y2 - y_mean
     lam, V = np.linalg.eigh(_gram64(Xc))
     lam = np.clip(lam, 0.0, None)
-    P = Xc @ V.astype(X.dtype)                             # (n, d): rows in the eigenbasis
+    P = Xc @ V.astype(Xc.dtype)                            # (n, d): rows in the eigenbasis
+    del Xc
     PtY = P.T.astype(np.float64) @ Yc                      # (d, k)
-    P2 = np.square(P, dtype=np.float64) if P.dtype == np.float64 else np.square(P).astype(np.float64)
+    P2 = np.square(P)                                      # leverages: Σⱼ Pᵢⱼ² / (λⱼ + α)
     best = None
     for alpha in a:
         f = 1.0 / (lam + alpha)
         Yhat = P @ (f[:, None] * PtY).astype(P.dtype) + y_mean
-        h = P2 @ f + 1.0 / n
+        h = (P2 @ f.astype(P2.dtype)).astype(np.float64) + 1.0 / n
         loo = Y2 - (Y2 - Yhat) / (1.0 - h)[:, None]
         score = r2_score(Y2, loo)
         if best is None or score > best[0]:
@@ -240,7 +247,7 @@ def fit_regressor_split(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: n
                         alphas: Sequence[float], what: str = "split", min_train: int = 10,
                         min_test: int = 5) -> dict | None:
     """Standardised ridge probe on one split, alpha by leave-one-out R² on the training part (:func:`ridge_loo`);
-    R² on the test part, uniform average over outputs (reference, docs/reference.md#probes).
+    R² on the test part, uniform average over outputs (docs/reference.md#probes).
 
     ``X`` (n, d), ``y`` (n, k), ``train`` / ``test`` row indices. Same protocol and results as
     :func:`workflow_scripts.evaluation.probes.fit_regressor_fold` (``RidgeCV``); features in float32.
@@ -252,9 +259,7 @@ def fit_regressor_split(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: n
         log.warning("%s: %d train / %d test rows (need >= %d / %d); skipped", what, len(train), len(test),
                     min_train, min_test)
         return None
-    Ztr, Zte = standardize(X[train].astype(np.float32, copy=False), X[test].astype(np.float32, copy=False),
-                           copy=False)
-    fit = ridge_loo(Ztr, y[train], alphas)
-    del Ztr
-    r2 = r2_score(y[test], fit.predict(Zte), multioutput="uniform_average")
+    Z = standardize(X[train].astype(np.float32, copy=False), X[test].astype(np.float32, copy=False), copy=False)
+    fit = ridge_loo(Z.pop(0), y[train], alphas, overwrite_x=True)  # the training rows are centred in place, freed
+    r2 = r2_score(y[test], fit.predict(Z[0]), multioutput="uniform_average")
     return dict(value=float(r2), n_train=len(train), n_test=len(test), alpha=fit.alpha)

@@ -1,4 +1,4 @@
-"""Linear probes with cross-validation on a spot embedding (reference, docs/reference.md#probes).
+"""Linear probes with cross-validation on a spot embedding (docs/reference.md#probes).
 
 For every task of a dataset (``config: datasets.<d>.tasks``) the embedding of each spot is used as the
 feature vector of a linear probe:
@@ -7,7 +7,7 @@ feature vector of a linear probe:
   per fold ``StandardScaler`` (fit on the training fold) → ``LogisticRegression(max_iter,
   random_state=seed+fold)`` (lbfgs, L2, C=1, multinomial) → macro-F1 on the test fold, computed over the
   classes present in BOTH the training and the test fold (rows of other classes are dropped from both
-  folds and counted; reference, docs/reference.md#probes and docs/reference.md#flaw-13).
+  folds and counted; docs/reference.md#probes and docs/reference.md#flaw-13).
 * **regression** (``type: regression, obsm: <obsm key>``): ``StandardScaler`` → ``RidgeCV(alphas,
   scoring="r2")`` (efficient leave-one-out choice of a single alpha for all outputs) → R² on the test
   fold, uniform average over the outputs (``sklearn.metrics.r2_score(multioutput="uniform_average")``).
@@ -15,7 +15,7 @@ feature vector of a linear probe:
 Cross-validation (``config: probe.cv``): ``kfold`` = ``KFold(n_folds, shuffle=True, random_state=seed)``
 over the task's spots (as in the reference, docs/reference.md#probes), or ``group_slide`` = ``GroupKFold`` over slides so that
 no slide is split between training and test (a fix for the spatial leakage noted in docs/reference.md#flaw-6).
-A fold needs ≥10 training and ≥5 test rows (reference, docs/reference.md#probes), otherwise it is skipped with a log line.
+A fold needs ≥10 training and ≥5 test rows (as in the reference, docs/reference.md#probes), otherwise it is skipped with a log line.
 
 Output (long format, one row per task × fold): ``task, task_type, metric, fold, value, n_train, n_test,
 n_classes, n_dropped_test, alpha``; the CLI prepends ``dataset, embedding, seed``.
@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ PROBE_COLUMNS = [
     "task", "task_type", "metric", "fold", "value",
     "n_train", "n_test", "n_classes", "n_dropped_test", "alpha",
 ]
-MIN_TRAIN = 10  # reference, docs/reference.md#probes: ≥10 training rows per fold
-MIN_TEST = 5    # reference, docs/reference.md#probes: ≥5 test rows per fold
+MIN_TRAIN = 10  # ≥10 training rows per fold, as in the reference (docs/reference.md#probes)
+MIN_TEST = 5    # ≥5 test rows per fold, as in the reference (docs/reference.md#probes)
 TASK_TYPES = ("classification", "regression")
-DEFAULT_ALPHAS = list(np.logspace(-3, 3, 10))  # reference, docs/reference.md#probes: RidgeCV(alphas=np.logspace(-3, 3, 10))
+DEFAULT_ALPHAS = list(np.logspace(-3, 3, 10))  # the reference's RidgeCV alphas (docs/reference.md#probes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def clean_regression_targets(values: np.ndarray, ids: Sequence[str], what: str =
 def task_targets(
     adata: ad.AnnData, task: str, spec: Mapping, min_class_size: int = 10
 ) -> pd.Series | pd.DataFrame | None:
-    """Targets of one task for the spots of ``adata`` (reference, docs/reference.md#probes, docs/reference.md#flaw-13).
+    """Targets of one task for the spots of ``adata`` (docs/reference.md#probes, docs/reference.md#flaw-13).
 
     Classification → ``pd.Series`` of string labels (``obs[spec['label']]`` cleaned by
     :func:`clean_labels`); regression → ``DataFrame`` (spots × outputs) from ``obsm[spec['obsm']]`` cleaned by
@@ -169,7 +170,7 @@ def cv_splits(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Fold index pairs ``(train_idx, test_idx)`` over ``n`` rows.
 
-    ``probe_params['cv']``: ``kfold`` → ``KFold(n_folds, shuffle=True, random_state=seed)`` (reference, docs/reference.md#probes);
+    ``probe_params['cv']``: ``kfold`` → ``KFold(n_folds, shuffle=True, random_state=seed)`` (docs/reference.md#probes);
     ``group_slide`` → ``GroupKFold`` over ``groups`` (slide per row); with fewer slides than folds
     ``n_folds`` becomes the number of slides (logged); with one slide no split is possible (warning, []).
     Raises ValueError for an unknown ``cv`` or ``n_folds`` < 2.
@@ -210,7 +211,7 @@ def fit_classifier_fold(
     ``X_*``: (n, d) features; ``y_*``: (n,) labels. Rows whose class is absent from the other part are
     dropped (counted in the log). Returns ``{value, n_train, n_test, n_classes, n_dropped_test}`` or None
     (logged) when < 2 common classes, < ``min_train`` (10) training or < ``min_test`` (5) test rows remain.
-    Source: reference, docs/reference.md#probes.
+    Source: the reference's ``evaluate_simple`` (docs/reference.md#probes).
     """
     common = np.intersect1d(np.unique(y_train), np.unique(y_test))
     tr = np.isin(y_train, common)
@@ -241,7 +242,7 @@ def fit_regressor_fold(
     """Scaled RidgeCV probe on one split; R² on the test part, uniform average over outputs.
 
     ``X_*``: (n, d); ``y_*``: (n, k). Alpha chosen by efficient leave-one-out on the training part
-    (``RidgeCV(alphas, scoring="r2")``, one alpha for all outputs; reference, docs/reference.md#probes).
+    (``RidgeCV(alphas, scoring="r2")``, one alpha for all outputs; docs/reference.md#probes).
     Returns ``{value, n_train, n_test, alpha}`` or None (logged) with < ``min_train`` (10) train or
     < ``min_test`` (5) test rows.
     """
@@ -291,7 +292,7 @@ def run_probes(
     seed: int,
     min_class_size: int = 10,
 ) -> pd.DataFrame:
-    """Run every task's linear probe with cross-validation (reference, docs/reference.md#probes).
+    """Run every task's linear probe with cross-validation (docs/reference.md#probes).
 
     Parameters
     ----------
@@ -379,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              args.dataset, args.name, args.seed, list(tasks), params)
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
+    check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
     df = run_probes(emb, adata, tasks, params, args.seed, args.min_class_size)
     write_result_table(df, args.out, args.dataset, args.name, args.seed)
 

@@ -1,4 +1,4 @@
-"""Synergistic Information Score (SIS) from probe scores (reference, docs/reference.md#sis).
+"""Synergistic Information Score (SIS) from probe scores (docs/reference.md#sis).
 
     SIS(Y; z1, z2) = (I(Y; z3) − max(I(Y; z1), I(Y; z2))) / max(I(Y; z1), I(Y; z2))
 
@@ -36,7 +36,7 @@ PROBE_KEYS = ["dataset", "embedding", "task", "metric", "value"]
 
 
 def sis(fused: float, gex: float, img: float) -> float:
-    """SIS = (fused − max(gex, img)) / max(gex, img) (reference, docs/reference.md#sis; scores are mean probe scores).
+    """SIS = (fused − max(gex, img)) / max(gex, img) (docs/reference.md#sis; scores are mean probe scores).
 
     Raises ValueError when ``max(gex, img) <= 0`` (ratio undefined) or a score is not finite.
     """
@@ -68,7 +68,7 @@ def sis_table(
     value``, plus fold/seed), one row per fold × seed. ``methods``: embedding names to score (any names,
     e.g. the fused methods plus ``random`` as a sanity floor). The unimodal references are the embeddings
     ``gex_name`` and ``img_name``. Means are taken over all fold × seed values first, then the ratio
-    (reference, docs/reference.md#sis). Rows whose fused or unimodal scores are missing, or whose best unimodal mean is ≤ 0,
+    (as in the reference, docs/reference.md#sis). Rows whose fused or unimodal scores are missing, or whose best unimodal mean is ≤ 0,
     get ``sis = NaN`` and a ``note``.
 
     Raises ValueError naming the missing columns, or an embedding name (method, ``gex_name``,

@@ -1,7 +1,7 @@
-"""Spatial consistency: do spots that are close in the tissue look alike in an embedding? (reference, docs/reference.md#spatial-consistency)
+"""Spatial consistency: do spots that are close in the tissue look alike in an embedding?
 
 The reference's script for this analysis is missing; only its intent survives
-(``examples/example_spatial_consistency.py``, reference, docs/reference.md#spatial-consistency): positives are the k nearest spots of the same
+(``examples/example_spatial_consistency.py``, docs/reference.md#spatial-consistency): positives are the k nearest spots of the same
 slide, negatives are pairs of the same slide farther apart than a percentile of the within-slide distances,
 balanced, a logistic-regression classifier on pair features, CV grouped by slide, and F1 / accuracy /
 ROC-AUC (mean ± sd over folds). This module implements that protocol:
@@ -53,7 +53,8 @@ from .linear_fits import WarmStart, fit_logreg, standardize
 
 log = logging.getLogger(__name__)
 
-#: Defaults of ``config: spatial_consistency`` (reference, docs/reference.md#spatial-consistency: k 5, 80th percentile, 5 folds, max_iter 1000).
+#: Defaults of ``config: spatial_consistency`` (the reference's values, docs/reference.md#spatial-consistency: k 5,
+#: 80th percentile, 5 folds, max_iter 1000).
 DEFAULTS = {
     "k": 5,
     "far_percentile": 80.0,

@@ -1,9 +1,9 @@
 """Spatial neighbour-ring probes: predict the neighbourhood's label from a spot's own embedding.
 
-Reference docs/reference.md#spatial-rings ("neighbour-label prediction"), with the fix of docs/reference.md#flaw-14:
-rings are fixed distances in µm per dataset (``config: datasets.<d>.spatial.ring_edges_um``), and neighbours are
-searched within each slide only: one ``scipy.spatial.cKDTree`` radius query per slide (its sparse distance matrix
-up to the outer edge), each pair put in its ring by ``searchsorted``; no all-pairs distance matrix.
+The reference's "neighbour-label prediction" (docs/reference.md#spatial-rings), with the fix of
+docs/reference.md#flaw-14: rings are fixed distances in µm per dataset (``config: datasets.<d>.spatial.ring_edges_um``),
+and neighbours are searched within each slide only: one ``scipy.spatial.cKDTree`` radius query per slide (its sparse
+distance matrix up to the outer edge), each pair put in its ring by ``searchsorted``; no all-pairs distance matrix.
 
 For ring b with edges ``e_b < e_{b+1}`` (µm) the neighbours of spot i are the spots j ≠ i of the same
 slide with ``e_b < d(i, j) ≤ e_{b+1}``, where d is the Euclidean distance of the spot centres
@@ -33,8 +33,8 @@ The random states of the splits come from ``numpy.random.SeedSequence((seed, rep
 (:func:`split_random_state`), so the splits of different seeds are independent draws; the reference's
 ``random_state = seed + repeat`` gave seeds 0 and 1 four of their five splits in common.
 
-**Probes** (reference): ``StandardScaler`` on the training part + ``LogisticRegression(C=1, max_iter)`` on
-the classes common to both parts → macro-F1; regression: ridge with its alpha chosen by leave-one-out R²
+**Probes** (as in the reference, docs/reference.md#spatial-rings): ``StandardScaler`` on the training part +
+``LogisticRegression(C=1, max_iter)`` on the classes common to both parts → macro-F1; regression: ridge with its alpha chosen by leave-one-out R²
 (as ``RidgeCV(ridge_alphas, scoring="r2")``) → R². They are fitted by
 :mod:`workflow_scripts.evaluation.linear_fits`: float32 features, each fit warm-started from the previous fit of
 the same task (the previous repeat, the previous ring), ridge leave-one-out in the eigenbasis. Against the
@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from ..io import embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
 from .linear_fits import WarmStart, fit_classifier_split, fit_regressor_split
 from .probes import DEFAULT_ALPHAS, check_task_spec, match_embedding, read_spots, task_targets
+from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _coords(adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
 def ring_pairs(
     adata: ad.AnnData, edges_um: Sequence[float], centre_ids: Sequence[str] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Neighbour pairs per distance ring, within slides (reference, docs/reference.md#spatial-rings with the docs/reference.md#flaw-14 fix).
+    """Neighbour pairs per distance ring, within slides (docs/reference.md#spatial-rings, with the fix of docs/reference.md#flaw-14).
 
     Parameters
     ----------
@@ -283,7 +284,7 @@ def run_spatial_probe(
     folds: Mapping[str, pd.Series] | pd.Series | None = None,
     groups: pd.Series | None = None,
 ) -> pd.DataFrame:
-    """Neighbour-ring probes for every task (reference, docs/reference.md#spatial-rings; fixed µm rings per slide,
+    """Neighbour-ring probes for every task (docs/reference.md#spatial-rings; fixed µm rings per slide,
     docs/reference.md#flaw-14; splits and fits as in the module docstring).
 
     Parameters
@@ -521,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              args.dataset, args.name, args.seed, list(tasks), edges)
     emb = read_embedding(args.embedding)
     adata = read_spots(args.spots)
+    check_tasks(adata, tasks, source=args.spots)  # a task whose label/obsm is absent fails the job
     folds = read_folds(args.folds) if args.folds else None
     groups = None
     if args.group_by:

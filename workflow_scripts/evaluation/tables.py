@@ -2,7 +2,7 @@
 
 ``collect``: concatenate the TSVs written by :mod:`workflow_scripts.evaluation.probes` or
 :mod:`workflow_scripts.evaluation.spatial_probe` (one per dataset × embedding × seed) into one long table.
-``summarise``: mean, sd (``np.std``, ddof 0, as the reference reports, docs/reference.md#probes) and count of ``value`` per group.
+``summarise``: mean, sd (``np.std``, ddof 0, as the reference reports: docs/reference.md#probes) and count of ``value`` per group.
 
 Default groups: probe tables (they have a ``fold`` column) →
 ``dataset, embedding, task, task_type, metric``; spatial tables (``ring`` column) →

@@ -1,4 +1,4 @@
-"""The workflow's figures, drawn only from the summary tables (reference, docs/reference.md#figures, figures (i)–(iii)).
+"""The workflow's figures, drawn only from the summary tables: figures (i)–(iii) of docs/reference.md#figures.
 
 * ``probe_scores``: probe score (macro-F1 / R²) per fused embedding, mean ± sd over folds × seeds, one panel
   per dataset × task; fused methods coloured by family (spectral: cca, dcca; non-spectral; concat);

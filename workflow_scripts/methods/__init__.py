@@ -1,10 +1,10 @@
-"""The ten fusion ("alignment") methods of the study and the random baseline (reference, docs/reference.md#alignment).
+"""The ten fusion ("alignment") methods of the study and the random baseline (docs/reference.md#fusion-methods).
 
 Inputs: Z1 = GEX embedding (n, d_gex), Z2 = IMG embedding (n, d_img), frozen, float, finite, rows paired by spot.
 All sizes are read from the data. Entry point: :func:`fit_method`. Every model takes its inputs in the reference's
 order (image, GEX); Z3 concatenations are [image ‖ GEX] as in the reference.
 
-Z3 per method (reference, docs/reference.md#fused-embeddings; P = ``projection_dim``, k = min(P, d_img, d_gex), D = CoMM ``embed_dim``):
+Z3 per method (docs/reference.md#fused-embeddings; P = ``projection_dim``, k = min(P, d_img, d_gex), D = CoMM ``embed_dim``):
 
 ============  =======================================  =====  ============================  ==========
 method        Z3                                       dim    views (img, gex)              view dim
@@ -46,7 +46,7 @@ from .training import HISTORY_COLUMNS, predict, resolve_device, resolve_params, 
 
 log = logging.getLogger(__name__)
 
-#: The ten fusion methods of the study (reference, docs/reference.md#fusion-methods), in the reference's order.
+#: The ten fusion methods of the study (docs/reference.md#fusion-methods), in the reference's order.
 METHODS = ("cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat")
 #: Methods with an explicit spectral (CCA-type) objective.
 SPECTRAL_METHODS = ("cca", "dcca")

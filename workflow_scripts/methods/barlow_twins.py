@@ -1,4 +1,5 @@
-"""Barlow Twins (Zbontar et al., ICML 2021) across modalities, reference, docs/reference.md#fusion-methods (``barlowtwins.py``).
+"""Barlow Twins (Zbontar et al., ICML 2021) across modalities, as in the reference's
+``barlowtwins.py`` (docs/reference.md#fusion-methods).
 
 * projector per modality: Linear(d, P, bias=False) → BatchNorm1d(P) → ReLU → Linear(P, P, bias=False);
 * one shared ``BatchNorm1d(P, affine=False)`` applied to both projections; c = BN(z_img)ᵀ BN(z_gex) / B;

@@ -1,4 +1,6 @@
-"""Interface shared by every trainable fusion method (reference, docs/reference.md#alignment: ``src/cell_synergy/models/*.py``).
+"""Interface shared by every trainable fusion method.
+
+The reference's models are ``src/cell_synergy/models/*.py`` (docs/reference.md#alignment).
 
 A method is an :class:`AlignModel` (a ``torch.nn.Module``) built as ``Model(d_img, d_gex, params)``.
 Every method takes its inputs in the reference's call order ``(x_img, x_gex)``:
@@ -42,7 +44,7 @@ class AlignModel(nn.Module):
         """Hook called after every optimiser step (BYOL: EMA update of the target encoders)."""
 
     def embed(self, x_img: torch.Tensor, x_gex: torch.Tensor) -> torch.Tensor:
-        """Fused embedding Z3 of a batch, shape (B, ``z3_dim``) (reference, docs/reference.md#fused-embeddings)."""
+        """Fused embedding Z3 of a batch, shape (B, ``z3_dim``) (docs/reference.md#fused-embeddings)."""
         raise NotImplementedError
 
     def views(self, x_img: torch.Tensor, x_gex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

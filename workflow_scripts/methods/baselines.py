@@ -1,4 +1,4 @@
-"""Non-trained embeddings: ``concat`` (one of the ten methods) and the ``random`` baseline (reference, docs/reference.md#fusion-methods,
+"""Non-trained embeddings: ``concat`` (one of the ten methods) and the ``random`` baseline (docs/reference.md#fusion-methods,
 docs/reference.md#fused-embeddings).
 
 * concat: Z3 = [Z_img ‖ Z_gex], the raw concatenation of the frozen embeddings, (n, d_img + d_gex), no training.

@@ -1,4 +1,5 @@
-"""BYOL (Grill et al., NeurIPS 2020) across modalities, reference, docs/reference.md#fusion-methods (``byol.py``).
+"""BYOL (Grill et al., NeurIPS 2020) across modalities, as in the reference's ``byol.py``
+(docs/reference.md#fusion-methods).
 
 * online encoders: Linear(d, P) per modality (P = ``projection_dim``, 256);
 * predictors per modality: Linear(P, P/2, bias=False) → LayerNorm(P/2) → GELU → Linear(P/2, P) (``pred_dim`` = P/2);

@@ -1,4 +1,4 @@
-"""Classical regularised linear CCA (reference, docs/reference.md#fusion-methods, ``cca.py::LinearCCA``).
+"""Classical regularised linear CCA (the reference's ``cca.py::LinearCCA``, docs/reference.md#fusion-methods).
 
 Closed form, in numpy/scipy (not scikit-learn's iterative NIPALS ``CCA``, which solves a different, deflation-based
 problem and does not use the ridge ``reg`` of the reference):
@@ -33,7 +33,8 @@ DEFAULTS = {"reg": 1.0e-4}
 def inv_sqrt_psd(mat: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Σ^{-1/2} of a symmetric positive (semi-)definite (d, d) matrix by eigendecomposition.
 
-    Eigenvalues ≤ ``eps`` are dropped (pseudo-inverse root). Reference: docs/reference.md#fusion-methods.
+    Eigenvalues ≤ ``eps`` are dropped (pseudo-inverse root, as in the reference's DCCA loss;
+    docs/reference.md#fusion-methods).
     """
     w, v = scipy.linalg.eigh(mat)
     keep = w > eps

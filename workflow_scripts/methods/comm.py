@@ -1,4 +1,5 @@
-"""CoMM (Dufumier & Castillo-Navarro et al., ICLR 2025) on frozen embeddings, reference, docs/reference.md#fusion-methods.
+"""CoMM (Dufumier & Castillo-Navarro et al., ICLR 2025) on frozen embeddings, as in the reference
+(docs/reference.md#fusion-methods).
 
 Architecture (reference ``CoMMBaseline`` wrapping upstream ``MMFusion`` with ``fusion="x-attn"``, ``pool="mean"``):
 

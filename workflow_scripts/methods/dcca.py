@@ -1,4 +1,5 @@
-"""Deep CCA (Andrew et al., ICML 2013), as specified in the reference, docs/reference.md#fusion-methods (``dcca.py``).
+"""Deep CCA (Andrew et al., ICML 2013), as coded in the reference's ``dcca.py``
+(docs/reference.md#fusion-methods).
 
 Architecture, per modality (``MlpNet`` with layer sizes [1024, 1024, k]):
 Linear(d, 1024) → Sigmoid → BatchNorm1d(1024, affine=False) → Linear(1024, 1024) → Sigmoid →

@@ -1,4 +1,5 @@
-"""Deep InfoMax-style cross-modal MI maximisation, reference, docs/reference.md#fusion-methods (``dim.py``).
+"""Deep InfoMax-style cross-modal MI maximisation, as in the reference's ``dim.py``
+(docs/reference.md#fusion-methods).
 
 * encoder per modality: Linear(d, H) → LN → GELU → Linear(H, P) → LN → GELU → Linear(P, P), H = ``hidden_dim``
   (512), P = ``projection_dim`` (256); outputs L2-normalised;

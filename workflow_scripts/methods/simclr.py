@@ -1,4 +1,5 @@
-"""SimCLR/CLIP-style cross-modal contrastive alignment, reference, docs/reference.md#fusion-methods (``simclr.py``).
+"""SimCLR/CLIP-style cross-modal contrastive alignment, as in the reference's ``simclr.py``
+(docs/reference.md#fusion-methods).
 
 Per modality: Linear(d, P) → LayerNorm(P) → GELU → Linear(P, P), P = ``projection_dim`` (256); outputs L2-normalised.
 Loss: logits = f_img f_gexᵀ / τ (τ = ``temperature``, 0.07); ½[CE(logits, i) + CE(logitsᵀ, i)] with the diagonal

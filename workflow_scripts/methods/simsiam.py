@@ -1,4 +1,5 @@
-"""SimSiam (Chen & He, CVPR 2021) across modalities, reference, docs/reference.md#fusion-methods (``simsiam.py``).
+"""SimSiam (Chen & He, CVPR 2021) across modalities, as in the reference's ``simsiam.py``
+(docs/reference.md#fusion-methods).
 
 * encoder per modality: Linear(d, H) → LN → GELU → Linear(H, P) → LN → GELU → Linear(P, P), H = ``hidden_dim``
   (the reference's ``projection_hidden_dim``, 512), P = ``projection_dim`` (256);

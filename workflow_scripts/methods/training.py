@@ -1,4 +1,6 @@
-"""Training loop shared by the neural fusion methods (reference, docs/reference.md#alignment, ``AlignmentTrainer``).
+"""Training loop shared by the neural fusion methods.
+
+Follows the reference's ``AlignmentTrainer`` (docs/reference.md#alignment).
 
 What is reproduced from the reference
 -------------------------------------
@@ -59,9 +61,9 @@ COMMON_DEFAULTS = {
 #: Keys of the training block that are accepted but not used by fit_method (handled by the caller).
 IGNORED_KEYS = ("device", "threads", "method_params")
 
-#: Methods trained on 100 % of the spots and validated on an overlapping random subset (reference, docs/reference.md#alignment).
+#: Methods trained on 100 % of the spots and validated on an overlapping random subset (docs/reference.md#alignment).
 UNSUPERVISED_METHODS = ("comm", "simclr", "barlow_twins", "vicreg", "byol", "simsiam")
-#: Methods that hold out ``val_fraction`` of the spots for validation (reference, docs/reference.md#alignment).
+#: Methods that hold out ``val_fraction`` of the spots for validation (docs/reference.md#alignment).
 HELD_OUT_METHODS = ("cca", "dcca", "dim")
 
 MAX_VALID_LOSS = 1e6
@@ -112,7 +114,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def split_indices(n: int, method: str, params: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation spot indices for ``method`` (reference, docs/reference.md#alignment).
+    """Training and validation spot indices for ``method`` (docs/reference.md#alignment).
 
     Unsupervised methods: train = all n spots, val = a random ``val_fraction_unsupervised`` subset (overlapping).
     Others: a random permutation; the first round(``val_fraction``·n) spots are validation, the rest training.
@@ -137,7 +139,7 @@ class MonitorUpdate:
 
 
 class SmoothedEarlyStopping:
-    """EMA-smoothed validation monitor with best-state tracking and patience (reference, docs/reference.md#alignment).
+    """EMA-smoothed validation monitor with best-state tracking and patience (docs/reference.md#alignment).
 
     ``smoothing`` a: s_t = a·s_{t−1} + (1−a)·v_t, s_1 = v_1. A loss v that is NaN/inf or > 1e6 is skipped.
     ``improved`` when s_t < best (strict); ``stop`` once ``patience`` consecutive updates did not improve.

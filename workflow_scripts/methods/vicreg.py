@@ -1,4 +1,5 @@
-"""VICReg (Bardes et al., ICLR 2022) across modalities, reference, docs/reference.md#fusion-methods (``vicreg.py``).
+"""VICReg (Bardes et al., ICLR 2022) across modalities, as in the reference's ``vicreg.py``
+(docs/reference.md#fusion-methods).
 
 * projector per modality: Linear(d, P) → BatchNorm1d(P) → ReLU → Linear(P, P, bias=False);
 * loss = 25·MSE(x, y) + 25·½[mean ReLU(1 − sqrt(Var(x) + 1e-4)) + mean ReLU(1 − sqrt(Var(y) + 1e-4))]

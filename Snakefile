@@ -25,6 +25,8 @@ include: "rules/spatial_consistency.smk"
 include: "rules/training_curves.smk"
 include: "rules/umap.smk"
 include: "rules/scaling.smk"
+include: "rules/pid_common.smk"
+include: "rules/pid.smk"
 include: "rules/benchmarks.smk"
 
 

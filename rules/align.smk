@@ -46,3 +46,21 @@ rule random_baseline:
         "python -m workflow_scripts.methods.align --method random --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params '{{}}' --out {output.z3} --model {output.model}"
         " --history {output.history} --device cpu --threads 1 --no-progress --log {log}"
+
+
+rule import_fused:
+    """Check a fused embedding given as a file (config datasets.<d>.fused) and store it as an embedding table."""
+    input:
+        src=lambda wc: fused_source(wc.dataset, wc.fused, wc.seed),
+        spots="results/{dataset}/spots.h5ad",
+    output:
+        "results/{dataset}/imported/{fused}/seed{seed}.parquet",
+    log:
+        "logs/{dataset}/import_{fused}_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        key=lambda wc: fused_files(wc.dataset)[wc.fused].get("key") or "X",
+    shell:
+        "python -m workflow_scripts.methods.imported --input {input.src} --key {params.key} --spots {input.spots}"
+        " --name {wildcards.fused} --out {output} --log {log}"

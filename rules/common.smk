@@ -37,21 +37,46 @@ check_config(config, repo=workflow.basedir, encoders=encoder_modalities())
 DATASETS = list(config.get("run_datasets") or config["datasets"])
 METHODS = list(config["methods"])
 BASELINES = list(config["baselines"])
-EMBEDDINGS = METHODS + BASELINES
+# positive controls (tensor_fusion): computed by the align rule like concat, scored beside the methods
+POSITIVE_CONTROLS = list(config.get("positive_controls") or [])
+EMBEDDINGS = METHODS + POSITIVE_CONTROLS + BASELINES
 SEEDS = [int(s) for s in config["seeds"]]
 MODALITIES = ["gex", "img"]
 # every name the wildcards may take (the schema's enums; workflow_scripts.methods.METHODS, not imported to keep
 # parsing free of torch)
 ALL_METHODS = ["cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dim", "concat"]
 ALL_BASELINES = ["unimodal_gex", "unimodal_img", "random"]
+ALL_CONTROLS = ["tensor_fusion"]  # workflow_scripts.methods.CONTROLS
+
+
+def fused_files(dataset):
+    """Fused embeddings given as files (config datasets.<d>.fused): {name: {"path": ..., "key": ...}}."""
+    out = {}
+    if dataset not in config["datasets"]:
+        raise unknown_dataset_error(dataset, config["datasets"])
+    for name, v in (config["datasets"][dataset].get("fused") or {}).items():
+        out[name] = dict(v) if isinstance(v, dict) else {"path": str(v)}
+        if not out[name].get("path"):
+            raise ValueError(
+                f"config datasets.{dataset}.fused.{name}: give a file path (or {{path: FILE, key: KEY}})"
+            )
+        if name in ALL_METHODS + ALL_BASELINES + ALL_CONTROLS:
+            raise ValueError(
+                f"config datasets.{dataset}.fused.{name}: the name is taken by a method, baseline or control; rename it"
+            )
+    return out
+
+
+FUSED_NAMES = sorted({n for d in config["datasets"] for n in fused_files(d)})
 
 
 # `dataset` takes any name, so that a target naming an unknown dataset (results/sis/foo.tsv) reaches ds_cfg, whose
 # error lists the known datasets, instead of a bare MissingRuleException.
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_]+",
-    method="|".join(ALL_METHODS),
-    embedding="|".join(ALL_METHODS + ALL_BASELINES),
+    method="|".join(ALL_METHODS + ALL_CONTROLS),
+    embedding="|".join(ALL_METHODS + ALL_CONTROLS + ALL_BASELINES + FUSED_NAMES),
+    fused=r"[A-Za-z0-9_]+",
     modality="gex|img",
     encoder=r"[A-Za-z0-9_]+",
     seed=r"\d+",
@@ -79,12 +104,39 @@ def embedding_file(dataset, modality):
 
 
 def embedding_path(dataset, embedding, seed):
-    """Path of the table that the probes read for ``embedding`` (a method or a baseline)."""
+    """Path of the table that the probes read for ``embedding`` (a method, control, baseline or fused file)."""
     if embedding == "unimodal_gex":
         return embedding_file(dataset, "gex")
     if embedding == "unimodal_img":
         return embedding_file(dataset, "img")
+    if embedding in fused_files(dataset):
+        return f"results/{dataset}/imported/{embedding}/seed{seed}.parquet"
     return f"results/{dataset}/aligned/{embedding}/seed{seed}.parquet"
+
+
+def embeddings_of(dataset):
+    """Every embedding scored for ``dataset``: methods, positive controls, fused files, baselines."""
+    return METHODS + POSITIVE_CONTROLS + list(fused_files(dataset)) + BASELINES
+
+
+def fused_source(dataset, name, seed):
+    """The user's file of fused embedding ``name`` (``{seed}`` in its path is replaced by the seed)."""
+    spec = fused_files(dataset).get(name)
+    if spec is None:
+        raise ValueError(
+            f"dataset {dataset} has no fused embedding {name!r} (config datasets.{dataset}.fused)"
+        )
+    return spec["path"].replace("{seed}", str(seed))
+
+
+def encoder_inputs(wildcards):
+    """Files an encoder reads besides the spots (the precomputed encoder's embedding file), for the DAG."""
+    if wildcards.encoder != "precomputed":
+        return []
+    from workflow_scripts.encoders.precomputed import input_path
+
+    path = input_path(encoder_params("precomputed", wildcards.dataset), wildcards.modality)
+    return [path] if path else []
 
 
 def encoder_params(encoder, dataset):
@@ -125,7 +177,7 @@ def training_params(method):
 
 
 def method_gpu(wildcards):
-    return 0 if wildcards.method in ("cca", "concat") else 1
+    return 0 if wildcards.method in ("cca", "concat", "tensor_fusion") else 1
 
 
 def tasks_json(dataset):
@@ -140,7 +192,7 @@ def probe_tables(wildcards):
     return expand(
         "results/{dataset}/probes/{embedding}/seed{seed}.tsv",
         dataset=wildcards.dataset,
-        embedding=EMBEDDINGS,
+        embedding=embeddings_of(wildcards.dataset),
         seed=SEEDS,
     )
 
@@ -149,7 +201,7 @@ def spatial_tables(wildcards):
     return expand(
         "results/{dataset}/spatial/{embedding}/seed{seed}.tsv",
         dataset=wildcards.dataset,
-        embedding=EMBEDDINGS,
+        embedding=embeddings_of(wildcards.dataset),
         seed=SEEDS,
     )
 
@@ -174,4 +226,5 @@ def final_targets():
         out += analysis_targets(
             d
         )  # rules/analysis_common.smk: spectral, spatial consistency, curves, UMAPs, scaling
+        out += pid_targets(d)  # rules/pid_common.smk: PID table and figure (+ planted PID, validation)
     return out

@@ -3,6 +3,7 @@ rule embed:
     input:
         spots="results/{dataset}/spots.h5ad",
         cells="results/{dataset}/cells.h5ad",
+        extra=encoder_inputs,
     output:
         "results/{dataset}/embeddings/{modality}/{encoder}.parquet",
     log:

@@ -1,10 +1,11 @@
 rule prepare:
-    """Read a dataset's raw files into the spot data model."""
+    """Read a dataset's raw files into the spot data model and its SpatialData view."""
     input:
         prepare_inputs,
     output:
         spots="results/{dataset}/spots.h5ad",
         cells="results/{dataset}/cells.h5ad",
+        sdata=directory("results/{dataset}/sdata.zarr"),
     log:
         "logs/{dataset}/prepare.log",
     conda:
@@ -19,7 +20,7 @@ rule prepare:
         seed=SEEDS[0],
     shell:
         "python -m workflow_scripts.data.prepare --dataset {wildcards.dataset} --params {params.cfg:q}"
-        " --seed {params.seed} --spots {output.spots} --cells {output.cells} --log {log}"
+        " --seed {params.seed} --spots {output.spots} --cells {output.cells} --sdata {output.sdata} --log {log}"
 
 
 rule qc_patches:

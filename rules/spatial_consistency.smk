@@ -29,7 +29,7 @@ rule collect_spatial_consistency:
         lambda wc: expand(
             "results/{dataset}/spatial_consistency/{embedding}/seed{seed}.tsv",
             dataset=wc.dataset,
-            embedding=EMBEDDINGS,
+            embedding=embeddings_of(wc.dataset),
             seed=SEEDS,
         ),
     output:

@@ -7,9 +7,9 @@ rule umap_coords:
     One job per dataset: umap-learn is compiled by numba in every new process, which costs more than the fits.
     """
     input:
-        lambda wc: [embedding_path(wc.dataset, e, umap_seed()) for e in EMBEDDINGS],
+        lambda wc: [embedding_path(wc.dataset, e, umap_seed()) for e in embeddings_of(wc.dataset)],
     output:
-        expand("results/{{dataset}}/umap/{embedding}.tsv", embedding=EMBEDDINGS),
+        "results/{dataset}/umap/coords.tsv",
     log:
         "logs/{dataset}/umap.log",
     conda:
@@ -19,16 +19,15 @@ rule umap_coords:
         runtime=60,
     params:
         umap=json.dumps({k: v for k, v in acfg("umap").items() if k not in ("label", "seed")}),
+        names=lambda wc: embeddings_of(wc.dataset),
     shell:
-        "python -m workflow_scripts.analysis.umap --embedding {input} --params {params.umap:q}"
+        "python -m workflow_scripts.analysis.umap --embedding {input} --names {params.names} --params {params.umap:q}"
         " --out {output} --log {log}"
 
 
 rule figure_umap:
     input:
-        coords=lambda wc: expand(
-            "results/{dataset}/umap/{embedding}.tsv", dataset=wc.dataset, embedding=EMBEDDINGS
-        ),
+        coords="results/{dataset}/umap/coords.tsv",
         spots="results/{dataset}/spots.h5ad",
     output:
         report(

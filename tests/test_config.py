@@ -83,11 +83,11 @@ def test_reader_keys_from_the_command_line_are_typed_by_the_reader_schema():
 
 
 def test_method_parameter_names_agree_with_the_methods():
-    from workflow_scripts.methods import METHOD_DEFAULTS, METHODS
+    from workflow_scripts.methods import CONTROLS, METHOD_DEFAULTS, METHODS
     from workflow_scripts.methods.training import COMMON_DEFAULTS, IGNORED_KEYS
 
-    assert tuple(C.METHOD_PARAMS) == METHODS
-    for m in METHODS:
+    assert tuple(C.METHOD_PARAMS) == METHODS + CONTROLS
+    for m in METHODS + CONTROLS:
         assert set(C.METHOD_PARAMS[m]) == set(METHOD_DEFAULTS[m]), m
     assert set(C.TRAINING_KEYS) == set(COMMON_DEFAULTS)
     # the schema's training block = the training keys + what the rules handle themselves
@@ -99,7 +99,8 @@ def test_encoder_parameter_names_agree_with_the_encoders():
 
     for name, mod in (("pca", pca), ("morphology", morphology), ("uni2h", uni2h), ("nicheformer", nicheformer)):
         assert set(C.ENCODER_PARAMS[name]) == set(mod.DEFAULTS), name
-    assert encoder_modalities() == {"pca": "gex", "nicheformer": "gex", "morphology": "img", "uni2h": "img"}
+    assert encoder_modalities() == {"pca": "gex", "nicheformer": "gex", "morphology": "img", "uni2h": "img",
+                                    "precomputed": "any"}
 
 
 def test_every_reader_has_a_key_schema_and_no_other():

@@ -322,6 +322,7 @@ def test_plan_of_the_paper_config():
     assert outs.kind == "members" and outs.samples == ("Sample2",)
     assert outs.outputs == ["resources/breast/raw/{sample}/cell_feature_matrix.h5",
                             "resources/breast/raw/{sample}/cells.parquet",
+                            "resources/breast/raw/{sample}/cells.zarr.zip",
                             "resources/breast/raw/{sample}/experiment.xenium"]
     job = json.loads(outs.params({"sample": "Sample2"}))
     assert job["url"] == ("https://cf.10xgenomics.com/samples/xenium/1.4.0/Xenium_V1_FFPE_Preview_Human_Breast_"

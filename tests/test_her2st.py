@@ -127,3 +127,39 @@ def test_spot_centres_fall_on_tissue(repo):
     for s in cfg["sections"]:
         assert _background_fraction(repo, s) < 0.05, s
     assert _background_fraction(repo, "A2") > 0.15
+
+
+def test_sdata_zarr_of_two_sections(repo, tmp_path):
+    """prepare's SpatialData output for HER2ST: downsampled H&E, 100 µm circles on the spots, a labelled table."""
+    import spatialdata
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    from workflow_scripts.data.patches import open_slide
+    from workflow_scripts.data.prepare import build_her2st
+    from workflow_scripts.data.sdata import write_sdata
+
+    spots, _ = build_her2st({"resource_dir": str(repo / "resources/her2st"), "sections": ["A1", "C2"],
+                             "max_spots_per_slide": 30}, seed=0)
+    write_sdata(spots, tmp_path / "sdata.zarr", image_um_per_px=2.0)
+    sd = spatialdata.read_zarr(tmp_path / "sdata.zarr")
+    # A1's PNG (3.2 µm/px) is kept as is; C2's JPEG (0.696 µm/px) is averaged over 3 x 3 blocks (2.09 µm/px)
+    assert sd.images["he_A1"].shape == (3, 2138, 2000)
+    assert sd.images["he_C2"].shape == (3, 9911 // 3, 9274 // 3)
+    c2 = open_slide(spots.uns["slides"]["C2"]["image_path"]).read_region(3000, 4500, 3, 3)
+    got = np.asarray(sd.images["he_C2"][:, 1500, 1000])
+    assert np.abs(got - c2.reshape(-1, 3).mean(axis=0)).max() <= 1.0
+    table = sd.tables["table"]
+    for s in ("A1", "C2"):
+        circles = sd.shapes[f"spots_{s}"]
+        assert len(circles) == 30 and np.allclose(circles["radius"], 50.0)
+        k = 1 if s == "A1" else 3
+        M = get_transformation_between_coordinate_systems(sd, circles, sd.images[f"he_{s}"], s).to_affine_matrix(
+            ("x", "y"), ("x", "y"))
+        xy = np.stack([circles.geometry.x, circles.geometry.y], axis=1) @ M[:2, :2].T + M[:2, 2]
+        rows = table.obs[table.obs["spatial_element"] == f"spots_{s}"].sort_values("instance_id")
+        assert np.allclose(xy * k, rows[["px_x", "px_y"]].to_numpy(), atol=1e-6)
+    path = spatialdata.get_values(value_key="pathology", sdata=sd, element_name="spots_A1", table_name="table")
+    a1 = spots.obs[spots.obs["slide"] == "A1"]
+    assert (path["pathology"].astype(str).to_numpy() == a1["pathology"].astype(str).to_numpy()).all()
+    assert list(table.uns["composition_names"]) == list(spots.uns["composition_names"])
+    assert table.obsm["composition"].shape == (60, 8)

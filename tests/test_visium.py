@@ -1,4 +1,5 @@
-"""Tests of the Visium reader on scanpy's Space Ranger fixture (tests/data/visium_toy) and a CELLxGENE-style h5ad."""
+"""Tests of the Visium reader (spatialdata-io for Space Ranger outs) on scanpy's Space Ranger fixture
+(tests/data/visium_toy), of a CELLxGENE-style h5ad, and of the SpatialData output for spots."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_spaceranger_outs_to_spots(outs_dataset):
     assert len(pairs) >= 1
     d = np.hypot(pairs["x_um_x"] - pairs["x_um_y"], pairs["y_um_x"] - pairs["y_um_y"])
     assert np.allclose(d, 100.0, rtol=0.02), d.tolist()
-    assert visium.grid_pitch_px(visium.read_spaceranger(TOY.parent / "1.0.0")[0].obs) * um_full == pytest.approx(
+    assert visium.grid_pitch_px(visium.read_spaceranger(TOY, "S1")[0].obs) * um_full == pytest.approx(
         100.0, rel=0.02)
     # gene symbols from the 10x GRCh38 table, Ensembl ids kept
     assert spots.var_names[0] == "MIR1302-2HG" and spots.var["gene_ids"].iloc[0] == "ENSG00000243485"
@@ -94,6 +95,62 @@ def test_spaceranger_outs_to_spots(outs_dataset):
     # counts are the raw matrix
     raw = sc.read_10x_h5(TOY / "filtered_feature_bc_matrix.h5")
     assert np.array_equal(spots.X.toarray(), raw.X.toarray())
+
+
+def test_spaceranger_scale_factors_and_off_tissue_spots(outs_dataset, caplog):
+    params, _ = outs_dataset
+    outs = Path(params["raw_dir"]) / "S1/outs"
+    _, sf = visium.read_spaceranger(outs, "S1")
+    want = _scalefactors()  # spatialdata-io turns them into circle radii and image transformations
+    for k in ("spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef"):
+        assert sf[k] == pytest.approx(want[k], rel=1e-9), k
+    # a spot that Space Ranger marks outside the tissue is dropped, with a log line
+    pos = pd.read_csv(outs / "spatial/tissue_positions_list.csv", header=None)
+    barcode = sc.read_10x_h5(outs / "filtered_feature_bc_matrix.h5").obs_names[4]
+    pos.loc[pos[0] == barcode, 1] = 0
+    pos.to_csv(outs / "spatial/tissue_positions_list.csv", header=False, index=False)
+    with caplog.at_level("INFO", logger="workflow_scripts.data.visium"):
+        a, _ = visium.read_spaceranger(outs, "S1")
+    assert a.n_obs == 99 and barcode not in a.obs_names
+    assert "1 spots outside tissue dropped" in caplog.text
+
+
+def test_sdata_zarr_of_the_spots(outs_dataset, tmp_path):
+    """The SpatialData output: the lowres H&E, one 55 µm circle per spot on its pixel, a labelled table."""
+    import spatialdata
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    from workflow_scripts.data.sdata import build_sdata, write_sdata
+
+    params, _ = outs_dataset
+    params["files"]["image"] = "lowres"
+    spots, _ = visium.build_dataset(params, seed=0)
+    um = spots.uns["slides"]["S1"]["um_per_px"]
+    assert um > 2.0  # the lowres image is coarser than the 2 µm/px target: written as is
+    write_sdata(spots, tmp_path / "sdata.zarr")
+    sd = spatialdata.read_zarr(tmp_path / "sdata.zarr")
+    assert sd.images["he_S1"].shape == (3, 600, 600)
+    circles = sd.shapes["spots_S1"]
+    assert len(circles) == spots.n_obs == 100 and np.allclose(circles["radius"], 55.0 / 2)
+    table = sd.tables["table"]
+    assert table.uns["spatialdata_attrs"]["region"] == ["spots_S1"]
+    assert list(table.obs_names) == list(spots.obs_names)
+    lab = spatialdata.get_values(value_key="region", sdata=sd, element_name="spots_S1", table_name="table")
+    assert (lab["region"].astype(str).to_numpy() == spots.obs["region"].astype(str).to_numpy()).all()
+    # circle centres land on the spots' pixels of the image (µm -> lowres px)
+    M = get_transformation_between_coordinate_systems(sd, circles, sd.images["he_S1"], "S1").to_affine_matrix(
+        ("x", "y"), ("x", "y"))
+    xy = np.stack([circles.geometry.x, circles.geometry.y], axis=1) @ M[:2, :2].T + M[:2, 2]
+    assert np.allclose(xy, spots.obs[["px_x", "px_y"]].to_numpy(), atol=1e-6)
+    img = np.asarray(sd.images["he_S1"])
+    from PIL import Image
+
+    ref = np.asarray(Image.open(TOY / "spatial/tissue_lowres_image.png").convert("RGB"))
+    assert np.array_equal(np.moveaxis(img, 0, 2), ref)
+    # the in-memory object holds what write_sdata wrote slide by slide
+    mem = build_sdata(spots)
+    assert set(mem.images) == set(sd.images) and set(mem.shapes) == set(sd.shapes)
+    assert np.array_equal(np.asarray(mem.images["he_S1"]), img)
 
 
 def test_input_files_list_what_prepare_reads(outs_dataset):

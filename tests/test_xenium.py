@@ -1,9 +1,11 @@
-"""Tests of the Xenium reader and patch tiling on tiny bundles written in the real file formats.
+"""Tests of the Xenium reader (spatialdata-io), patch tiling and the SpatialData output on tiny bundles
+written in the real file formats.
 
-Breast-style sample: 10x HDF5 ``cell_feature_matrix.h5`` (h5py, 10x matrix layout), ``cells.parquet``,
-``experiment.xenium``, a pyramidal H&E OME-TIFF (tifffile, SubIFDs), the 3x3 H&E -> Xenium alignment CSV and a
-QuPath-style GeoJSON of region polygons. Lung-style sample: ``transcripts.csv.gz``, an author-registered
-single-strip TIFF with resolution tags, and a cell table with cell types and per-cell region labels.
+Breast-style sample: a Xenium ``outs`` folder as spatialdata-io reads it (``experiment.xenium`` of XOA 1.4,
+10x HDF5 ``cell_feature_matrix.h5``, ``cells.parquet``, ``cells.zarr.zip`` with the encoded cell ids and the
+cell summary), a pyramidal H&E OME-TIFF (tifffile, SubIFDs), the 3x3 H&E -> Xenium alignment CSV and a
+QuPath-style GeoJSON of region polygons. Lung-style sample (GEO, no outs folder): ``transcripts.csv.gz``, an
+author-registered single-strip TIFF, and a cell table with cell types and per-cell region labels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from scipy.spatial import cKDTree
 
 from workflow_scripts.data import tiling, xenium
 from workflow_scripts.data.model import validate_spots
-from workflow_scripts.data.patches import open_slide
+from workflow_scripts.data.patches import open_slide, patch_reader, patch_size_px
 
 REPO = Path(__file__).resolve().parents[1]
 PX_UM = 0.2125
@@ -57,6 +59,24 @@ def write_10x_h5(path: Path, counts: np.ndarray, barcodes, names, ids, ftypes) -
         fg.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
 
 
+def write_cells_zarr(path: Path, ids, xy_um: np.ndarray, area: np.ndarray) -> None:
+    """``cells.zarr.zip`` of XOA 1.3-1.x (zarr v2 in a zip): ``cell_id`` (n, 2) uint32 (prefix, dataset suffix)
+    and ``cell_summary`` (n, 7) with its ``column_names``; the segmentation masks are not needed here."""
+    import zarr
+    from spatialdata_io.readers.xenium import prefix_suffix_uint32_from_cell_id_str
+
+    prefix, suffix = prefix_suffix_uint32_from_cell_id_str(ids)
+    n = len(ids)
+    store = zarr.storage.ZipStore(path, mode="w")
+    root = zarr.open_group(store, mode="w", zarr_format=2)
+    root.create_array("cell_id", data=np.stack([prefix, suffix.astype(np.uint32)], axis=1))
+    root.create_array(
+        "cell_summary", data=np.column_stack([xy_um, area, xy_um, area / 3, np.zeros(n)]),
+        attributes={"column_names": ["cell_centroid_x", "cell_centroid_y", "cell_area", "nucleus_centroid_x",
+                                     "nucleus_centroid_y", "nucleus_area", "z_level"]})
+    store.close()
+
+
 def write_ome_pyramid(path: Path, img: np.ndarray, um_per_px: float) -> None:
     """Pyramidal OME-TIFF: level 0 + 2 SubIFD levels, tiled 64x64, zlib, RGB interleaved."""
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
@@ -85,24 +105,30 @@ def region_truth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def make_breast_sample(root: Path, name: str, seed: int, n_cells: int = 700, extra_gene: bool = False):
     """Write one breast-style Xenium sample under root/name; return its truth (cells in H&E px, types, A)."""
+    from spatialdata_io.readers.xenium import cell_id_str_from_prefix_suffix_uint32
+
     rng = np.random.default_rng(seed)
     d = root / name
     d.mkdir(parents=True)
     H, W = 480, 640
     he = rng.uniform([20, 20], [W - 20, H - 20], size=(n_cells, 2))
     A = rot_scale(-88.0, 1.25, [30.0, 900.0])  # H&E px -> Xenium px (rotated, 0.265625 µm per H&E px)
-    xen_um = xenium.apply_affine(A, he) * PX_UM
-    ids = [f"{name.lower()}{i:05d}-1" for i in range(n_cells)]
+    xen_um = (he @ A[:2, :2].T + A[:2, 2]) * PX_UM
+    prefix = rng.choice(2**24, size=n_cells, replace=False).astype(np.uint32)
+    ids = list(cell_id_str_from_prefix_suffix_uint32(prefix, np.ones(n_cells, int)))  # e.g. "aaabdibd-1"
+    area = rng.uniform(20, 80, n_cells)
     pd.DataFrame({"cell_id": ids, "x_centroid": xen_um[:, 0], "y_centroid": xen_um[:, 1],
-                  "transcript_counts": 1, "cell_area": 50.0}).to_parquet(d / "cells.parquet")
+                  "transcript_counts": 1, "control_probe_counts": 0, "control_codeword_counts": 0,
+                  "total_counts": 1, "cell_area": area, "nucleus_area": area / 3}).to_parquet(d / "cells.parquet")
+    write_cells_zarr(d / "cells.zarr.zip", ids, xen_um, area)
     genes = GENES + (["EXTRA"] if extra_gene else [])
     names = genes + ["NegControlProbe_00001", "BLANK_0001"]
     ftypes = ["Gene Expression"] * len(genes) + ["Negative Control Probe", "Blank Codeword"]
     counts = rng.poisson(2.0, size=(n_cells, len(names)))
-    order = rng.permutation(n_cells)  # the matrix lists cells in another order than cells.parquet
-    write_10x_h5(d / "cell_feature_matrix.h5", counts[order], [ids[i] for i in order], names,
-                 [f"ENSG{i:011d}" for i in range(len(names))], ftypes)
-    (d / "experiment.xenium").write_text(json.dumps({"pixel_size": PX_UM, "run_name": "toy"}))
+    write_10x_h5(d / "cell_feature_matrix.h5", counts, ids, names, [f"ENSG{i:011d}" for i in range(len(names))],
+                 ftypes)
+    (d / "experiment.xenium").write_text(json.dumps({"pixel_size": PX_UM, "run_name": "toy",
+                                                     "analysis_sw_version": "xenium-1.4.0.6"}))
     np.savetxt(d / "he_imagealignment.csv", A, delimiter=",", fmt="%.10g")
     img = np.full((H, W, 3), (240, 220, 230), dtype=np.uint8)
     for c, i in zip(COLOURS, range(3)):
@@ -136,8 +162,7 @@ def breast_params(root: Path, samples, **kw) -> dict:
     p = {
         "reader": "xenium", "name": "toy_breast", "raw_dir": str(root),
         "splits": {"train": ["OTHER"], "test": list(samples)}, "build_splits": ["test"],
-        "files": {"matrix": "{sample}/cell_feature_matrix.h5", "cells": "{sample}/cells.parquet",
-                  "experiment": "{sample}/experiment.xenium", "image": "{sample}/he_image.ome.tif",
+        "files": {"outs": "{sample}", "image": "{sample}/he_image.ome.tif",
                   "alignment": "{sample}/he_imagealignment.csv", "regions": "{sample}/regions.geojson",
                   "cell_table": "{sample}/cell_types.csv"},
         "cell_table_columns": {"cell_id": "cell_id", "cell_type": "celltype"},
@@ -161,19 +186,30 @@ def breast(tmp_path_factory):
 # coordinates
 
 
-def test_alignment_csv_roundtrip_and_resolution(tmp_path):
+def test_alignment_through_spatialdata_and_resolution(tmp_path):
+    from spatialdata.transformations import Scale
+
     A = rot_scale(30.0, 1.2895, [807.98, 73097.66])
-    np.savetxt(tmp_path / "a.csv", A, delimiter=",")
-    B = xenium.read_alignment(tmp_path / "a.csv")
-    assert np.allclose(A, B)
-    # the 10x breast example: H&E pixel ~1.29 Xenium px -> 0.274 µm/px (reference: Sample2 0.27398)
-    assert xenium.he_um_per_px(B, PX_UM) == pytest.approx(0.2125 * 1.2895, rel=1e-9)
+    np.savetxt(tmp_path / "he_imagealignment.csv", A, delimiter=",")
+    write_ome_pyramid(tmp_path / "he_image.ome.tif", np.zeros((64, 96, 3), np.uint8), 0.274)
+    params = {"alignment_direction": "he_to_xenium"}
+    t, shape = xenium.he_image_transform(params, "S", tmp_path / "he_image.ome.tif",
+                                         tmp_path / "he_imagealignment.csv", PX_UM)
+    assert shape == (64, 96)
+    M = xenium.cells_to_he_matrix(Scale([1 / PX_UM] * 2, axes=("x", "y")), t)
     he = np.array([[0.0, 0.0], [1000.0, 250.0]])
-    um = xenium.apply_affine(A, he) * PX_UM
-    assert np.allclose(xenium.he_px_from_xenium_um(um, A, PX_UM), he)
-    (tmp_path / "bad.csv").write_text("1,0,0\n0,1,0\n")
-    with pytest.raises(ValueError, match="3x3"):
-        xenium.read_alignment(tmp_path / "bad.csv")
+    um = (he @ A[:2, :2].T + A[:2, 2]) * PX_UM  # H&E px -> Xenium px -> µm
+    assert np.allclose(um @ M[:2, :2].T + M[:2, 2], he)
+    # the 10x breast example: H&E pixel ~1.29 Xenium px -> 0.274 µm/px (reference: Sample2 0.27398)
+    assert xenium.he_um_per_px(M) == pytest.approx(0.2125 * 1.2895, rel=1e-9)
+    # a matrix written the other way round is inverted on request
+    np.savetxt(tmp_path / "he_imagealignment.csv", np.linalg.inv(A), delimiter=",")
+    t2, _ = xenium.he_image_transform({"alignment_direction": "xenium_to_he"}, "S", tmp_path / "he_image.ome.tif",
+                                      tmp_path / "he_imagealignment.csv", PX_UM)
+    assert np.allclose(xenium.cells_to_he_matrix(Scale([1 / PX_UM] * 2, axes=("x", "y")), t2), M)
+    with pytest.raises(ValueError, match="alignment_direction"):
+        xenium.he_image_transform({"alignment_direction": "sideways"}, "S", tmp_path / "he_image.ome.tif",
+                                  tmp_path / "he_imagealignment.csv", PX_UM)
 
 
 def test_cells_land_on_their_he_pixels(breast):
@@ -198,6 +234,100 @@ def test_cells_land_on_their_he_pixels(breast):
     assert spots.obs[["x_um", "px_x"]].pipe(lambda o: np.allclose(o["x_um"], o["px_x"] * 0.265625))
 
 
+def _painted_cells(truth, cells):
+    """(colour, cell_id, spot_id of one patch holding it) for the painted BR1 cells that lie in a kept patch."""
+    c = cells.obs[cells.obs["slide"] == "BR1"].drop_duplicates("cell_id").set_index("cell_id")
+    out = [(colour, cid, c.loc[cid, "spot_id"]) for colour, cid in zip(COLOURS, truth["BR1"]["ids"][:3])
+           if cid in c.index]
+    assert len(out) >= 2  # (a painted cell could lie in no kept patch)
+    return out
+
+
+def test_patch_around_a_painted_cell_shows_it(breast):
+    """patches.py cuts the patch of a spot from the recorded image/px/µm: the painted cell is where it should be."""
+    _, truth, spots, cells = breast
+    patch_um = 64 * 0.265625
+    size = patch_size_px(patch_um, spots.uns["slides"]["BR1"]["um_per_px"])
+    assert size == 64
+    reader = patch_reader(spots, patch_um, out_px=size)  # no resampling: patch pixels are image pixels
+    for colour, cid, sid in _painted_cells(truth, cells):
+        i = spots.obs_names.get_loc(sid)
+        patch = reader[i]
+        x0 = int(round(spots.obs["px_x"].iloc[i] - size / 2))
+        y0 = int(round(spots.obs["px_y"].iloc[i] - size / 2))
+        x, y = np.round(truth["BR1"]["he"][truth["BR1"]["ids"].index(cid)]).astype(int)
+        assert 0 <= x - x0 < size and 0 <= y - y0 < size
+        assert tuple(patch[y - y0, x - x0]) == colour  # row = y, column = x
+        assert (patch == colour).all(axis=2).sum() >= 9  # the painted 7 x 7 square, maybe cut by the border
+
+
+def test_sdata_zarr_of_the_patches(breast, tmp_path):
+    """The SpatialData output: full-resolution H&E, one square per patch, a table that annotates them."""
+    import spatialdata
+    from shapely.geometry import Point
+    from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
+
+    from workflow_scripts.data.sdata import write_sdata
+
+    _, truth, spots, cells = breast
+    write_sdata(spots, tmp_path / "sdata.zarr", image_um_per_px=None)
+    sd = spatialdata.read_zarr(tmp_path / "sdata.zarr")
+    assert set(sd.images) == {"he_BR1", "he_BR2"} and set(sd.shapes) == {"spots_BR1", "spots_BR2"}
+    assert sd.images["he_BR1"].shape == (3, 480, 640)
+    table = sd.tables["table"]
+    attrs = table.uns["spatialdata_attrs"]
+    assert attrs["region"] == ["spots_BR1", "spots_BR2"] and attrs["region_key"] == "spatial_element"
+    assert attrs["instance_key"] == "instance_id"
+    for s in ("BR1", "BR2"):
+        rows = table.obs["slide"] == s
+        shapes = sd.shapes[f"spots_{s}"]
+        assert len(shapes) == int(rows.sum()) == int((spots.obs["slide"] == s).sum())
+        assert (table.obs.loc[rows, "spatial_element"] == f"spots_{s}").all()
+        assert sorted(table.obs.loc[rows, "instance_id"]) == list(shapes.index)
+    # squares of the patch side (µm), centred on the patch centre (µm in the slide's H&E frame)
+    sq = sd.shapes["spots_BR1"]
+    b = sq.geometry.bounds
+    assert np.allclose(b["maxx"] - b["minx"], 64 * 0.265625) and np.allclose(b["maxy"] - b["miny"], 64 * 0.265625)
+    # labels and composition ride along; get_values follows the table's annotation links
+    reg = spatialdata.get_values(value_key="region", sdata=sd, element_name="spots_BR1", table_name="table")
+    br1 = table.obs[table.obs["slide"] == "BR1"].set_index("instance_id")
+    assert (reg["region"].astype(str) == br1.loc[reg.index, "region"].astype(str)).all()
+    first = spots.obs_names[0]
+    assert table.obs.loc[first, "region"] == spots.obs.loc[first, "region"]
+    assert np.allclose(table.obsm["composition"], spots.obsm["composition"])
+    # a painted cell: its patch square, mapped into the image's pixels, contains it, and the image shows it there
+    M = {cs: get_transformation_between_coordinate_systems(sd, sq, sd.images["he_BR1"], cs).to_affine_matrix(
+        ("x", "y"), ("x", "y")) for cs in ("BR1", "global")}
+    assert np.allclose(M["BR1"], M["global"])
+    M = M["BR1"]
+    img = np.asarray(sd.images["he_BR1"])
+    for colour, cid, sid in _painted_cells(truth, cells):
+        x, y = truth["BR1"]["he"][truth["BR1"]["ids"].index(cid)]
+        poly = sq.geometry.loc[int(table.obs.loc[sid, "instance_id"])]
+        corners = np.asarray(poly.exterior.coords) @ M[:2, :2].T + M[:2, 2]
+        assert Point(x, y).within(type(poly)(corners))
+        assert tuple(img[:, int(round(y)), int(round(x))]) == colour
+    # "global" puts BR2 to the right of BR1; each slide's own coordinate system starts at its origin
+    assert get_transformation(sd.shapes["spots_BR1"], "global").to_affine_matrix(("x",), ("x",))[0, 1] == 0
+    assert get_transformation(sd.shapes["spots_BR2"], "global").to_affine_matrix(("x",), ("x",))[0, 1] >= \
+        640 * 0.265625
+
+
+def test_sdata_image_is_the_block_mean_read_in_bands(tmp_path):
+    from workflow_scripts.data.sdata import downsample_factor, read_slide_image
+
+    img = np.random.default_rng(0).integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    write_ome_pyramid(tmp_path / "he.ome.tif", img, 0.5)
+    assert downsample_factor(0.69, 2.0) == 3 and downsample_factor(3.2, 2.0) == 1 and downsample_factor(0.5, None) == 1
+    k = 3
+    want = img[:99, :129].reshape(33, k, 43, k, 3).astype(float).mean(axis=(1, 3))
+    small_bands = read_slide_image(tmp_path / "he.ome.tif", k, band_bytes=3 * k * k * 43 * 4)  # 4 output rows
+    assert small_bands.shape == (3, 33, 43)
+    assert np.abs(np.moveaxis(small_bands, 0, 2) - want).max() < 1  # Pillow rounds in fixed point
+    assert np.array_equal(small_bands, read_slide_image(tmp_path / "he.ome.tif", k))
+    assert np.array_equal(read_slide_image(tmp_path / "he.ome.tif", 1), np.moveaxis(img, 2, 0))
+
+
 def test_outputs_write_and_read_as_h5ad(breast, tmp_path):
     import anndata as ad
 
@@ -219,16 +349,24 @@ def test_open_slide_reads_planar_ome_tiff(tmp_path):
     assert (slide.read_region(10, 20, 30, 40) == img[20:60, 10:40]).all()
 
 
-def test_input_files_and_missing_configured_file(breast, tmp_path):
+def test_input_files_and_missing_configured_file(breast, tmp_path, caplog):
     root, _, _, _ = breast
     p = breast_params(root, ["BR1", "BR2"])
     files = xenium.input_files(p)
-    assert len(files) == 2 * 7 and all(Path(f).exists() for f in files)
-    assert str(root / "BR2" / "he_imagealignment.csv") in files
-    make_breast_sample(tmp_path, "BR1", 4, 100)
+    assert len(files) == 2 * 8 and all(Path(f).exists() for f in files)  # 4 outs files + 4 configured files
+    assert str(root / "BR2" / "he_imagealignment.csv") in files and str(root / "BR1" / "cells.zarr.zip") in files
+    t = make_breast_sample(tmp_path, "BR1", 4, 100)
+    with caplog.at_level("INFO", logger="workflow_scripts.data.xenium"):
+        counts, cent, _ = xenium.read_outs(tmp_path / "BR1", "BR1")
+    assert list(counts.var_names) == GENES and list(counts.obs_names) == t["ids"]
+    assert "dropped 2 non-gene features" in caplog.text  # the negative-control probe and the blank codeword
+    assert np.array_equal(counts.X.toarray(), t["counts"].to_numpy())
     (tmp_path / "BR1" / "he_imagealignment.csv").unlink()
     with pytest.raises(FileNotFoundError, match="files.alignment not found.*he_imagealignment.csv"):
         xenium.build_dataset(breast_params(tmp_path, ["BR1"]), seed=0)
+    (tmp_path / "BR1" / "cells.zarr.zip").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks \['cells.zarr.zip'\]"):
+        xenium.read_outs(tmp_path / "BR1", "BR1")
 
 
 def test_wrong_alignment_direction_is_caught(tmp_path):
@@ -332,7 +470,7 @@ def test_lung_style_transcripts_registered_image_and_cell_table(tmp_path):
     H, W = 300, 400
     um_px = 0.2125
     tifffile.imwrite(raw / "LU1/registered_HE.tif", np.full((H, W, 3), 200, np.uint8), photometric="rgb",
-                     rowsperstrip=H, resolution=(1e4 / um_px, 1e4 / um_px), resolutionunit="CENTIMETER")
+                     rowsperstrip=H)  # GEO: registered to Xenium pixels, single strip
     n = 120
     ids = [f"c{i}" for i in range(n)]
     pos_px = rng.uniform([10, 10], [W - 10, H - 10], size=(n, 2))
@@ -362,7 +500,7 @@ def test_lung_style_transcripts_registered_image_and_cell_table(tmp_path):
     pd.concat([table.iloc[5:], other]).to_csv(raw / "cells.csv.gz", index=False)  # c0-c4 missing -> NOMAP
     params = {
         "reader": "xenium", "raw_dir": str(raw), "splits": {"test": ["LU1"]},
-        "files": {"transcripts": "{sample}/transcripts.csv.gz", "matrix": None,
+        "files": {"transcripts": "{sample}/transcripts.csv.gz", "outs": None,
                   "image": "{sample}/registered_HE.tif", "cell_table": "cells.csv.gz"},
         "cell_table_columns": {"cell_id": "cell_id", "sample": "sample", "cell_type": "final_CT",
                                "region": "region", "x_um": "x_centroid", "y_um": "y_centroid"},
@@ -378,7 +516,7 @@ def test_lung_style_transcripts_registered_image_and_cell_table(tmp_path):
     assert np.abs(cent.loc["c3"].to_numpy() / um_px - pos_px[3]).max() < 3  # mean of transcripts ~ centroid
 
     sc = xenium.read_sample(params, "LU1")
-    assert sc.um_per_px == pytest.approx(um_px, rel=1e-6)  # from the TIFF resolution tags
+    assert sc.um_per_px == pytest.approx(um_px, rel=1e-6)  # registered image: H&E px = Xenium px
     assert sc.obs.index.isin(ids).all() and len(sc.obs) == n
     got = sc.obs.loc[ids, ["x_px", "y_px"]].to_numpy()
     assert np.allclose(got[5:], pos_px[5:], atol=1e-6)  # cell-table centroids (µm / 0.2125)
@@ -386,6 +524,10 @@ def test_lung_style_transcripts_registered_image_and_cell_table(tmp_path):
     assert (sc.obs.loc[["c0", "c1"], "cell_type"] == "NOMAP").all()
     assert sc.obs.loc["c7", "cell_type"] == CMAP[fine[7]]
     assert sc.obs.loc["c7", "region"] == (1 if region[7] == "normal_alveoli" else 2)
+    # an image registered at another resolution: H&E px = Xenium µm / um_per_px
+    half = xenium.read_sample({**params, "um_per_px": 2 * um_px}, "LU1")
+    assert half.um_per_px == pytest.approx(2 * um_px)
+    assert np.allclose(half.obs.loc[ids[5:], ["x_px", "y_px"]].to_numpy(), pos_px[5:] / 2)
 
     spots, cells = xenium.build_dataset(params, seed=0)
     validate_spots(spots, check_images=True)

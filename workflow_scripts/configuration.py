@@ -53,12 +53,14 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "vicreg": ("sim_coeff", "std_coeff", "cov_coeff"),
     "dim": ("temperature", "hidden_dim", "symmetric"),
     "concat": (),
+    "tensor_fusion": ("rank",),
 }
 
 #: Training keys that a method's result depends on, where that is not all of :data:`TRAINING_KEYS`: CCA is fitted in
 #: closed form (no epochs, batches or optimiser), concat is not fitted at all. The align rule passes only these, so
 #: changing the learning rate does not refit them.
-METHOD_TRAINING_KEYS: dict[str, tuple[str, ...]] = {"cca": ("projection_dim", "val_fraction"), "concat": ()}
+METHOD_TRAINING_KEYS: dict[str, tuple[str, ...]] = {"cca": ("projection_dim", "val_fraction"), "concat": (),
+                                                    "tensor_fusion": ()}
 
 #: Each built-in encoder's parameters (the ``DEFAULTS`` of its module in ``workflow_scripts/encoders``).
 ENCODER_PARAMS: dict[str, tuple[str, ...]] = {
@@ -95,7 +97,7 @@ ENCODER_PARAMS: dict[str, tuple[str, ...]] = {
 #: Keys of a dataset block that the workflow reads (embedding, evaluation, downloads), whatever the reader. The
 #: reader's own keys are the properties of ``config/readers/<reader>.schema.yaml``; ``patch_um`` may be both.
 WORKFLOW_DATASET_KEYS = ("reader", "encoders", "encoder_params", "tasks", "spatial", "min_class_size", "patch_um",
-                         "download")
+                         "download", "fused")
 
 #: Folder of the per-reader key schemas, relative to the repository root.
 READER_SCHEMA_DIR = Path("config") / "readers"
@@ -319,7 +321,7 @@ def check_encoders(config: Mapping, encoders: Mapping[str, str]) -> list[str]:
     """Problems of the encoder settings: unknown encoder names, a GEX encoder set as IMG (or the reverse), unknown
     parameter names of the built-in encoders (``encoders.<name>`` and ``datasets.<d>.encoder_params.<name>``).
 
-    ``encoders`` maps every known encoder to its modality ("gex" or "img").
+    ``encoders`` maps every known encoder to its modality ("gex", "img", or "any" for one that serves both).
     """
     errors = []
     for enc, params in (config.get("encoders") or {}).items():
@@ -333,7 +335,7 @@ def check_encoders(config: Mapping, encoders: Mapping[str, str]) -> list[str]:
             if enc not in encoders:
                 errors.append(f"{where}.encoders.{modality}: unknown encoder {enc!r}"
                               f"{_did_you_mean(str(enc), encoders)}; known: {sorted(encoders)}")
-            elif encoders[enc] != modality:
+            elif encoders[enc] not in (modality, "any"):
                 errors.append(f"{where}.encoders.{modality}: encoder {enc!r} embeds {encoders[enc]!r}, not "
                               f"{modality!r}; set {where}.encoders.{encoders[enc]}: {enc}")
         for enc, params in (block.get("encoder_params") or {}).items():

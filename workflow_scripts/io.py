@@ -128,6 +128,67 @@ def read_embedding(path: str | Path) -> pd.DataFrame:
     return df
 
 
+EMBEDDING_FILE_TYPES = (".parquet", ".csv", ".tsv", ".txt", ".h5ad")
+
+
+def read_embedding_file(path: str | Path, key: str | None = None, what: str = "embedding file") -> pd.DataFrame:
+    """Read a user-supplied embedding (bring your own embeddings) as an embedding table (spots × dims).
+
+    Accepted files (chosen by suffix):
+
+    * ``.parquet`` — a table written by :func:`write_embedding`, or any table with a ``spot_id`` column (or index)
+      and numeric columns, one row per spot;
+    * ``.csv`` / ``.tsv`` / ``.txt`` — the same as text (comma- or tab-separated), with a ``spot_id`` column;
+    * ``.h5ad`` — an AnnData whose ``obs_names`` are the spot ids; the embedding is ``obsm[key]`` (or ``X`` when
+      ``key`` is None or ``"X"``).
+
+    Returns a float32 DataFrame indexed by spot id (str) with columns ``f0 … f{d-1}``; ``attrs['feature_names']``
+    keeps the original column names. Raises FileNotFoundError naming ``path``; ValueError naming ``path`` for an
+    unknown suffix, a missing ``spot_id`` column or ``obsm`` key, non-numeric columns, or duplicated spot ids.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path} (fix the path in the config)")
+    suffix = path.suffix.lower()
+    if suffix not in EMBEDDING_FILE_TYPES:
+        raise ValueError(f"{what} {path}: unknown file type {suffix!r}; use one of {list(EMBEDDING_FILE_TYPES)}")
+    if suffix == ".h5ad":
+        import anndata as ad
+
+        a = ad.read_h5ad(path)
+        if key in (None, "X"):
+            values = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
+            names = [str(v) for v in a.var_names]
+        elif key in a.obsm:
+            m = a.obsm[key]
+            values = m.to_numpy() if isinstance(m, pd.DataFrame) else np.asarray(m)
+            names = [str(c) for c in m.columns] if isinstance(m, pd.DataFrame) else [f"{key}_{i}" for i in
+                                                                                      range(values.shape[1])]
+        else:
+            raise ValueError(f"{what} {path}: obsm has no key {key!r}; it has {sorted(a.obsm.keys())} (set `key`)")
+        df = pd.DataFrame(np.asarray(values, dtype=np.float64), index=a.obs_names.astype(str), columns=names)
+    else:
+        if suffix == ".parquet":
+            df = pq.read_table(path).to_pandas()
+        else:
+            df = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
+        if "spot_id" in df.columns:
+            df = df.set_index("spot_id")
+        elif df.index.name != "spot_id":
+            raise ValueError(f"{what} {path}: no `spot_id` column (one row per spot, the id as in the spots table)")
+        bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            raise ValueError(f"{what} {path}: non-numeric column(s) {bad[:5]}; keep only spot_id and the dimensions")
+    df.index = df.index.astype(str)
+    if df.index.has_duplicates:
+        raise ValueError(f"{what} {path}: duplicated spot ids, e.g. {df.index[df.index.duplicated()][:3].tolist()}")
+    if df.shape[1] == 0:
+        raise ValueError(f"{what} {path}: no embedding columns")
+    out = embedding_frame(df.to_numpy(dtype=np.float32), df.index)
+    out.attrs["feature_names"] = [str(c) for c in df.columns]
+    return out
+
+
 def read_embedding_meta(path: str | Path) -> dict:
     """Return the ``cellsynergy`` metadata dict stored with an embedding table ({} if none)."""
     md = pq.read_schema(path).metadata or {}

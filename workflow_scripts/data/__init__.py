@@ -10,6 +10,8 @@ _INPUT_LISTERS = {
     "her2st": "workflow_scripts.data.her2st",
     "xenium": "workflow_scripts.data.xenium",
     "visium": "workflow_scripts.data.visium",
+    "synthetic": "workflow_scripts.data.synthetic",
+    "precomputed": "workflow_scripts.data.precomputed",
 }
 
 

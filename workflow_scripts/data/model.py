@@ -15,9 +15,15 @@ counts of the cells inside it and ``obsm['cell_counts']`` is not used).
     cell-type proportions (spots × K, rows sum to 1 or are all-zero); names in ``uns['composition_names']``.
 ``uns['slides']``
     ``{slide: {"image_path": str, "um_per_px": float}}`` where ``um_per_px`` is the resolution of the
-    image at ``image_path`` (µm per image pixel).
+    image at ``image_path`` (µm per image pixel). A dataset without H&E (the ``synthetic`` reader, or
+    ``precomputed`` spots without images) has ``image_path = ""`` for every slide, ``um_per_px = 1`` and
+    ``px_x, px_y`` = µm: nothing can cut patches from it (:func:`has_images`), so its IMG encoder must read
+    embeddings (``precomputed``).
 ``uns['dataset']``
     the dataset name.
+``uns['spot_diameter_um']`` / ``uns['patch_um']`` (optional)
+    the physical spot diameter (µm; HER2ST, Visium) or, for tiled cell-level data, the patch side (µm): the
+    shapes of the SpatialData view ``sdata.zarr`` (:mod:`workflow_scripts.data.sdata`).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def validate_spots(adata: ad.AnnData, source: str | Path = "<memory>", check_ima
         info = slides[s]
         if float(info["um_per_px"]) <= 0:
             raise DataModelError(f"{source}: slide {s!r} um_per_px must be > 0")
-        if check_images and not Path(str(info["image_path"])).exists():
+        if check_images and str(info["image_path"]) and not Path(str(info["image_path"])).exists():
             raise FileNotFoundError(
                 f"{source}: image for slide {s!r} not found at {info['image_path']}; "
                 "restore the file or fix the dataset's resource path in config"
@@ -69,3 +75,9 @@ def validate_spots(adata: ad.AnnData, source: str | Path = "<memory>", check_ima
         names = adata.uns.get("composition_names")
         if names is None or len(names) != comp.shape[1]:
             raise DataModelError(f"{source}: uns['composition_names'] must list {comp.shape[1]} names")
+
+
+def has_images(adata: ad.AnnData) -> bool:
+    """Whether every slide of ``adata`` has an H&E image (a non-empty ``uns['slides'][s]['image_path']``)."""
+    slides = adata.uns.get("slides") or {}
+    return bool(slides) and all(str((info or {}).get("image_path") or "") for info in slides.values())

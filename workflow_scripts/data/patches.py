@@ -209,5 +209,15 @@ class PatchReader:
 
 
 def patch_reader(adata, patch_um: float, out_px: int = 224, cache_slides: int = 1) -> PatchReader:
-    """Build a :class:`PatchReader` for a spots AnnData (see :mod:`workflow_scripts.data.model`)."""
+    """Build a :class:`PatchReader` for a spots AnnData (see :mod:`workflow_scripts.data.model`).
+
+    Raises ValueError naming the slides when the dataset has no H&E image (``image_path`` empty).
+    """
+    no_image = sorted(s for s, info in dict(adata.uns["slides"]).items() if not str(info.get("image_path") or ""))
+    if no_image:
+        raise ValueError(
+            f"slides {no_image[:5]} have no H&E image, so no patch can be cut (an IMG encoder such as morphology or "
+            "uni2h needs one): set datasets.<d>.encoders.img: precomputed with your IMG embeddings "
+            "(docs/synthetic.md#bring-your-own-embeddings)"
+        )
     return PatchReader(adata.obs, dict(adata.uns["slides"]), patch_um, out_px, cache_slides)

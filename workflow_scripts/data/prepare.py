@@ -1,14 +1,15 @@
 """Stage 1, ``prepare``: read a dataset's raw files into the spot data model.
 
 Writes ``results/{dataset}/spots.h5ad`` (see :mod:`workflow_scripts.data.model`), ``cells.h5ad`` (the
-per-cell counts of cell-level data; for spot-level data each spot is its own "cell") and a QC figure
-with sample patches and their spot ids.
+per-cell counts of cell-level data; for spot-level data each spot is its own "cell"), the SpatialData view
+``sdata.zarr`` (H&E, spot shapes, labelled table; :mod:`workflow_scripts.data.sdata`) and a QC figure with
+sample patches and their spot ids.
 
 CLI::
 
     python -m workflow_scripts.data.prepare --dataset her2st --params '{...dataset config...}' \
         --seed 0 --spots results/her2st/spots.h5ad --cells results/her2st/cells.h5ad \
-        --qc-figure results/her2st/qc/patches.png --log logs/her2st/prepare.log
+        --sdata results/her2st/sdata.zarr --qc-figure results/her2st/qc/patches.png --log logs/her2st/prepare.log
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .model import validate_spots
+from .sdata import DEFAULT_IMAGE_UM_PER_PX, write_sdata
 from ..io import setup_logging
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,11 @@ READERS = {
     "her2st": "workflow_scripts.data.prepare:build_her2st",
     "xenium": "workflow_scripts.data.xenium:build_dataset",
     "visium": "workflow_scripts.data.visium:build_dataset",
+    "synthetic": "workflow_scripts.data.synthetic:build_dataset",
+    "precomputed": "workflow_scripts.data.precomputed:build_dataset",
 }
+
+HER2ST_SPOT_UM = 100.0  # legacy ST spots are 100 µm across (workflow_scripts/data/her2st.py)
 
 
 def build_her2st(params: dict, seed: int):
@@ -46,6 +52,7 @@ def build_her2st(params: dict, seed: int):
         max_spots_per_slide=params.get("max_spots_per_slide"),
         seed=seed,
     )
+    spots.uns["spot_diameter_um"] = HER2ST_SPOT_UM
     return spots, None
 
 
@@ -65,12 +72,60 @@ def spots_as_cells(spots: ad.AnnData) -> ad.AnnData:
     return cells
 
 
-def qc_figure(spots: ad.AnnData, patch_um: float, out: str | Path, n_per_slide: int = 3, seed: int = 0) -> None:
-    """Save a grid of sample patches (``n_per_slide`` per slide, titled with their spot ids) to ``out``."""
+def spot_map_figure(spots: ad.AnnData, out: str | Path) -> None:
+    """QC figure of a dataset without H&E images: the spots of each slide at their µm coordinates, coloured by the
+    first label column (or the donor), saved to ``out``. No patch is cut."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    slides = sorted(spots.obs["slide"].astype(str).unique())
+    label_col = next((c for c in spots.obs.columns if c not in ("slide", "donor", "split")
+                      and isinstance(spots.obs[c].dtype, pd.CategoricalDtype)), "donor")
+    codes, names = pd.factorize(spots.obs[label_col].astype(str), sort=True)
+    ncol = min(len(slides), 4)
+    nrow = int(np.ceil(len(slides) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 3.0 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for ax, s in zip(axes.ravel(), slides):
+        m = spots.obs["slide"].astype(str).to_numpy() == s
+        ax.axis("on")
+        ax.scatter(spots.obs["x_um"][m], spots.obs["y_um"][m], c=[cmap(c % cmap.N) for c in codes[m]], s=6)
+        ax.set_title(f"{s} ({int(m.sum())} spots)", fontsize=8)
+        ax.set_xlabel("x (µm)", fontsize=7)
+        ax.set_ylabel("y (µm)", fontsize=7)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=6)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=cmap(i % cmap.N), label=n) for i, n in enumerate(names)]
+    fig.legend(handles=handles[:20], title=label_col, fontsize=7, title_fontsize=7, loc="center right")
+    fig.suptitle(f"{spots.uns.get('dataset', '')}: spots (no H&E images; coloured by {label_col})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.85, 1 - 0.35 / fig.get_figheight()))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def qc_figure(spots: ad.AnnData, patch_um: float, out: str | Path, n_per_slide: int = 3, seed: int = 0) -> None:
+    """Save a grid of sample patches (``n_per_slide`` per slide, titled with their spot ids) to ``out``.
+
+    A dataset without slide images (:func:`workflow_scripts.data.model.has_images` false) gets the spot map of
+    :func:`spot_map_figure` instead; no patch is cut.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .model import has_images
+
+    if not has_images(spots):
+        log.info("no slide images: the QC figure shows the spot layout instead of patches")
+        spot_map_figure(spots, out)
+        return
 
     from .patches import patch_reader
 
@@ -100,8 +155,12 @@ def qc_figure(spots: ad.AnnData, patch_um: float, out: str | Path, n_per_slide: 
     plt.close(fig)
 
 
-def prepare(dataset: str, params: dict, seed: int, spots_out, cells_out, qc_out=None) -> ad.AnnData:
-    """Run the dataset's reader, validate, write spots/cells AnnData and the QC figure; return the spots."""
+def prepare(dataset: str, params: dict, seed: int, spots_out, cells_out, qc_out=None, sdata_out=None) -> ad.AnnData:
+    """Run the dataset's reader, validate, write spots/cells AnnData, the SpatialData zarr and the QC figure.
+
+    ``sdata_out`` (optional) receives :func:`workflow_scripts.data.sdata.write_sdata` with the H&E at
+    ``params['sdata_um_per_px']`` µm/px (default 2; null = full resolution). Returns the spots.
+    """
     reader = get_reader(params.get("reader", dataset))
     spots, cells = reader(params, seed)
     spots.uns["dataset"] = dataset
@@ -122,6 +181,9 @@ def prepare(dataset: str, params: dict, seed: int, spots_out, cells_out, qc_out=
     Path(spots_out).parent.mkdir(parents=True, exist_ok=True)
     spots.write_h5ad(spots_out, compression="gzip")
     cells.write_h5ad(cells_out, compression="gzip")
+    if sdata_out:
+        write_sdata(spots, sdata_out, params.get("sdata_um_per_px", DEFAULT_IMAGE_UM_PER_PX),
+                    float(params.get("patch_um", 200)))
     if qc_out:
         qc_figure(spots, float(params.get("patch_um", 200)), qc_out, seed=seed)
     return spots
@@ -134,11 +196,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spots", required=True)
     p.add_argument("--cells", required=True)
+    p.add_argument("--sdata", help="SpatialData zarr store to write (optional)")
     p.add_argument("--qc-figure")
     p.add_argument("--log")
     a = p.parse_args(argv)
     setup_logging(a.log)
-    prepare(a.dataset, json.loads(a.params), a.seed, a.spots, a.cells, a.qc_figure)
+    prepare(a.dataset, json.loads(a.params), a.seed, a.spots, a.cells, a.qc_figure, a.sdata)
 
 
 if __name__ == "__main__":

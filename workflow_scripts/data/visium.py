@@ -1,34 +1,32 @@
 """Reader for 10x Visium data paired with H&E (the paper's thymus dataset): one patch per spot.
 
-Source (docs/datasets.md, docs/reference.md#datasets): Yayon et al. 2024
-human thymus atlas — full-resolution H&E OME-TIFFs in BioImage Archive S-BIAD1257 (0.2271 µm/px) and the
-annotated Visium objects of CELLxGENE collection fc19ae6c-d7c1-4dce-b703-62c5d52061b4; label = the 11
-cortico-medullary classes (docs/reference.md#datasets).
+Source (docs/datasets.md, docs/reference.md#datasets): Yayon et al. 2024 human thymus atlas — full-resolution
+H&E OME-TIFFs in BioImage Archive S-BIAD1257 (0.2271 µm/px) and the annotated Visium objects of CELLxGENE
+collection fc19ae6c-d7c1-4dce-b703-62c5d52061b4; label = the 11 cortico-medullary classes.
 
 Two input layouts are read, per sample:
 
-* Space Ranger ``outs/`` (``files.outs``): ``filtered_feature_bc_matrix.h5`` (10x HDF5, read with
-  :func:`scanpy.read_10x_h5`) and ``spatial/`` with ``scalefactors_json.json`` and the spot positions
-  (``tissue_positions.csv`` with header, Space Ranger ≥ 2.0, or ``tissue_positions_list.csv`` without header:
-  barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres); labels from a CSV
-  (``files.labels``: barcode + ``label_col``).
-* an AnnData ``.h5ad`` (``files.h5ad``; CELLxGENE layout): raw counts in ``raw.X`` (else ``X``), full-resolution
-  spot centres in ``obsm['spatial']`` (x = column, y = row), scale factors in
-  ``uns['spatial'][library]['scalefactors']``, labels in ``obs[label_col]``; several sections in one file are
-  selected with ``h5ad_sample_col``.
+* Space Ranger ``outs/`` (``files.outs``), read with :func:`spatialdata_io.visium`: the counts
+  (``filtered_feature_bc_matrix.h5``), the spot positions (``spatial/tissue_positions.csv`` or
+  ``tissue_positions_list.csv``) as circles in full-resolution pixels, the scale factors as the
+  transformations of the ``hires``/``lowres`` images; labels from a CSV (``files.labels``: barcode +
+  ``label_col``).
+* an AnnData ``.h5ad`` (``files.h5ad``; CELLxGENE layout, which no spatialdata-io reader covers): raw counts in
+  ``raw.X`` (else ``X``), full-resolution spot centres in ``obsm['spatial']`` (x = column, y = row), scale
+  factors in ``uns['spatial'][library]['scalefactors']`` (squidpy's layout), labels in ``obs[label_col]``;
+  several sections in one file are selected with ``h5ad_sample_col``.
 
-Coordinates: ``px`` = full-resolution pixel × image scale (1 for the full-resolution H&E, ``tissue_hires_scalef``
-or ``tissue_lowres_scalef`` for ``image: hires|lowres``). µm per full-resolution pixel = ``um_per_px`` from the
-config when given, else ``spot_diameter_um`` / ``spot_diameter_fullres`` with ``spot_diameter_um`` = 65 µm:
-Space Ranger's ``spot_diameter_fullres`` spans a *theoretical 65 µm spot* (10x scale-factor documentation), not
-the 55 µm physical spot. With 55 µm the spot centres of the scanpy fixture come out 84.9 µm apart instead of
-Visium's 100 µm (tests/test_visium.py). Either way the estimate is checked against the array grid (neighbouring
-spot centres are 100 µm apart) and a > 5 % disagreement is logged. ``x_um = pxl_col_in_fullres · µm/px``.
+Coordinates: ``px`` = full-resolution pixel × image scale (1 for the full-resolution H&E, the hires or lowres
+scale factor for ``image: hires|lowres``). µm per full-resolution pixel = ``um_per_px`` from the config when
+given, else ``spot_diameter_um`` / ``spot_diameter_fullres`` with ``spot_diameter_um`` = 65 µm: Space Ranger's
+``spot_diameter_fullres`` spans a *theoretical 65 µm spot* (10x scale-factor documentation), not the 55 µm
+physical spot. With 55 µm the spot centres of the scanpy fixture come out 84.9 µm apart instead of Visium's
+100 µm (tests/test_visium.py). Either way the estimate is checked against the array grid (neighbouring spot
+centres are 100 µm apart) and a > 5 % disagreement is logged. ``x_um = pxl_col_in_fullres · µm/px``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -41,73 +39,59 @@ from tqdm import tqdm
 
 from .download import dataset_samples
 from .model import validate_spots
-from .xenium import (_align_genes, _common_genes, _per_sample, _resolve, file_template, image_shape, map_labels,
-                     sample_split)
+from .patches import open_slide
+from .reader_common import (align_genes, common_genes, file_template, map_labels, per_sample, resolve_file,
+                            sample_split)
 
 log = logging.getLogger(__name__)
 
 SCALEFACTOR_SPOT_UM = 65.0  # the spot that spot_diameter_fullres spans (10x); physical spots are 55 µm
+VISIUM_SPOT_UM = 55.0  # physical spot diameter, drawn as the spot circles of the SpatialData output
 VISIUM_SPOT_PITCH_UM = 100.0  # centre-to-centre distance of neighbouring Visium spots
-POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
 
-def read_positions(spatial_dir: str | Path) -> pd.DataFrame:
-    """Spot positions of a Space Ranger ``spatial/`` folder, indexed by barcode (columns :data:`POSITION_COLUMNS`).
+def read_spaceranger(outs: str | Path, sample: str) -> tuple[ad.AnnData, dict]:
+    """Read a Space Ranger ``outs`` folder with :func:`spatialdata_io.visium` → (in-tissue spots, scale factors).
 
-    Reads ``tissue_positions.csv`` (header) or ``tissue_positions_list.csv`` (no header) or
-    ``tissue_positions.parquet``. Raises FileNotFoundError naming the folder when none exists.
-    """
-    d = Path(spatial_dir)
-    if (d / "tissue_positions.parquet").exists():
-        df = pd.read_parquet(d / "tissue_positions.parquet")
-    elif (d / "tissue_positions.csv").exists():
-        df = pd.read_csv(d / "tissue_positions.csv")
-    elif (d / "tissue_positions_list.csv").exists():
-        df = pd.read_csv(d / "tissue_positions_list.csv", header=None, names=POSITION_COLUMNS)
-    else:
-        raise FileNotFoundError(f"{d}: no tissue_positions.csv / tissue_positions_list.csv / tissue_positions.parquet")
-    missing = [c for c in POSITION_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{d}: spot positions lack columns {missing}")
-    return df.set_index(df["barcode"].astype(str))[POSITION_COLUMNS[1:]]
-
-
-def read_scalefactors(spatial_dir: str | Path) -> dict:
-    """``scalefactors_json.json`` of a Space Ranger ``spatial/`` folder as a dict (needs ``spot_diameter_fullres``)."""
-    p = Path(spatial_dir) / "scalefactors_json.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found")
-    sf = json.loads(p.read_text())
-    if "spot_diameter_fullres" not in sf:
-        raise KeyError(f"{p}: no spot_diameter_fullres")
-    return sf
-
-
-def read_spaceranger(outs: str | Path) -> tuple[ad.AnnData, dict]:
-    """Read a Space Ranger ``outs`` folder → (in-tissue spots × genes raw counts, scalefactors dict).
-
-    obs gains ``in_tissue``, ``array_row``, ``array_col``, ``pxl_row_in_fullres``, ``pxl_col_in_fullres``.
+    Returns
+    -------
+    counts : AnnData spots × genes, raw counts; obs ``in_tissue``, ``array_row``, ``array_col``,
+        ``pxl_col_in_fullres``, ``pxl_row_in_fullres`` (spot centre, full-resolution px).
+    scalefactors : ``spot_diameter_fullres`` (px, the spot circles' diameter) and ``tissue_{hires,lowres}_scalef``
+        (full-resolution px → image px, from the images' transformations) where the image exists.
     Barcodes of the matrix without a position, and spots outside tissue, are dropped with a log line.
+    Raises FileNotFoundError naming the missing file.
     """
-    import scanpy as sc
+    import spatialdata_io
+    from spatialdata.transformations import get_transformation
 
     outs = Path(outs)
     h5 = outs / "filtered_feature_bc_matrix.h5"
     if not h5.exists():
         raise FileNotFoundError(f"{h5} not found (Space Ranger outs folder expected at {outs})")
-    a = sc.read_10x_h5(h5, gex_only=True)
-    a.obs_names = a.obs_names.astype(str)
-    pos = read_positions(outs / "spatial")
-    sf = read_scalefactors(outs / "spatial")
-    nopos = ~a.obs_names.isin(pos.index)
+    if not (outs / "spatial" / "scalefactors_json.json").exists():
+        raise FileNotFoundError(f"{outs / 'spatial' / 'scalefactors_json.json'} not found (Space Ranger outs)")
+    sdata = spatialdata_io.visium(outs, dataset_id=sample)
+    table = sdata.tables["table"]
+    a = ad.AnnData(X=sp.csr_matrix(table.X, dtype=np.float32), var=table.var.copy(),
+                   obs=table.obs[["in_tissue", "array_row", "array_col"]].copy())
+    a.obs_names = table.obs_names.astype(str)
+    xy = np.asarray(table.obsm["spatial"], dtype=float)
+    a.obs["pxl_col_in_fullres"], a.obs["pxl_row_in_fullres"] = xy[:, 0], xy[:, 1]
+    nopos = ~np.isfinite(xy).all(axis=1) | a.obs["in_tissue"].isna().to_numpy()
     if nopos.any():
         log.warning("%s: %d barcodes have no spot position and are dropped", outs, int(nopos.sum()))
         a = a[~nopos].copy()
-    a.obs = a.obs.join(pos)
     off = a.obs["in_tissue"].to_numpy(int) == 0
     if off.any():
         log.info("%s: %d spots outside tissue dropped", outs, int(off.sum()))
         a = a[~off].copy()
+    sf = {"spot_diameter_fullres": 2.0 * float(sdata.shapes[sample]["radius"].iloc[0])}
+    for res in ("hires", "lowres"):
+        key = f"{sample}_{res}_image"
+        if key in sdata.images:  # the image maps to full resolution by Scale(1 / scalef)
+            full = get_transformation(sdata.images[key], sample).to_affine_matrix(("x", "y"), ("x", "y"))
+            sf[f"tissue_{res}_scalef"] = 1.0 / float(full[0, 0])
     return a, sf
 
 
@@ -118,7 +102,7 @@ def read_h5ad_sample(
 
     obs gains ``pxl_col_in_fullres``/``pxl_row_in_fullres`` from ``obsm['spatial']``. Counts come from ``raw.X``
     when present (CELLxGENE keeps normalised values in ``X``). Raises ValueError naming the file and what is
-    missing (sample column values, spatial coordinates, scale factors).
+    missing (sample column values, spatial coordinates).
     """
     path = Path(path)
     if not path.exists():
@@ -158,8 +142,13 @@ def read_h5ad_sample(
     return a, sf
 
 
-def _symbols(a: ad.AnnData, gene_map: str | Path | None, name: str) -> ad.AnnData:
-    """Use gene symbols as var_names (CELLxGENE ``feature_name``, or the ``gene_map`` table ENSG → symbol)."""
+def gene_symbols(a: ad.AnnData, gene_map: str | Path | None, name: str) -> ad.AnnData:
+    """Use gene symbols as var_names, keeping Ensembl ids in ``var['gene_ids']``.
+
+    When most var names are Ensembl ids (``ENSG…``), symbols come from CELLxGENE's ``var['feature_name']`` or
+    the ``gene_map`` table (TSV: Ensembl id, symbol). Ids without a symbol keep their id (counted in the log);
+    duplicated symbols are made unique (``-1``, ``-2``, …; counted).
+    """
     names = a.var_names.astype(str)
     if not names.str.startswith("ENSG").mean() > 0.5:
         a.var_names_make_unique()
@@ -187,6 +176,11 @@ def _symbols(a: ad.AnnData, gene_map: str | Path | None, name: str) -> ad.AnnDat
     return a
 
 
+def _image_key(params: Mapping, sample: str) -> str | None:
+    key = (params.get("files") or {}).get("image", "hires")
+    return ((params.get("sample_files") or {}).get(sample) or {}).get("image", key)
+
+
 def input_files(params: Mapping) -> list[str]:
     """Every raw file ``prepare`` reads for this dataset (per built sample), for Snakemake's missing-input check."""
     out: list[str] = []
@@ -197,7 +191,7 @@ def input_files(params: Mapping) -> list[str]:
             files += [f"{outs}/filtered_feature_bc_matrix.h5", f"{outs}/spatial/scalefactors_json.json"]
         for key in ("h5ad", "labels"):
             files.append(file_template(params, s, key))
-        img = ((params.get("sample_files") or {}).get(s) or {}).get("image", (params.get("files") or {}).get("image"))
+        img = _image_key(params, s)
         if img in ("hires", "lowres"):
             files.append(f"{outs}/spatial/tissue_{img}_image.png" if outs else None)
         else:
@@ -232,7 +226,8 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
     Returns ``(spots, None)``. spots: X raw counts (CSR float32, gene symbols); obs ``slide``, ``donor``,
     ``x_um``/``y_um`` (full-resolution px × µm/px), ``px_x``/``px_y`` (px in the image of ``uns['slides']``),
     ``split``, ``region`` (``label_col`` mapped onto ``annotation_classes``; unknown → ``unannotated_class``),
-    ``array_row``/``array_col``; ``uns['slides']`` {slide: {image_path, um_per_px}}.
+    ``array_row``/``array_col``, ``barcode``; ``uns['slides']`` {slide: {image_path, um_per_px}};
+    ``uns['spot_diameter_um']`` = 55 (the physical spot, drawn in the SpatialData output).
     ``max_spots_per_slide`` (optional) keeps a seeded random subset per slide for quick runs.
     Raises FileNotFoundError/ValueError naming the missing file or key.
     """
@@ -250,18 +245,18 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
     rng = np.random.default_rng(seed)
     parts, slides = [], {}
     for s in tqdm(samples, desc="Visium samples", unit="sample"):
-        outs = _resolve(params, s, "outs")
-        h5ad = _resolve(params, s, "h5ad")
+        outs = resolve_file(params, s, "outs")
+        h5ad = resolve_file(params, s, "h5ad")
         if outs is not None:
-            a, sf = read_spaceranger(outs)
+            a, sf = read_spaceranger(outs, s)
         elif h5ad is not None:
             a, sf = read_h5ad_sample(h5ad, s, params.get("h5ad_sample_col"), params.get("h5ad_library_id"))
         else:
             raise ValueError("dataset config: set files.outs (Space Ranger outs folder) or files.h5ad")
-        a = _symbols(a, params.get("gene_map"), s)
+        a = gene_symbols(a, params.get("gene_map"), s)
 
         # labels
-        lab_path = _resolve(params, s, "labels")
+        lab_path = resolve_file(params, s, "labels")
         if lab_path is not None:
             lab = pd.read_csv(lab_path, index_col=0)
             lab.index = lab.index.astype(str)
@@ -282,7 +277,7 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
 
         # coordinates
         sd = sf.get("spot_diameter_fullres")
-        conf_um = _per_sample(params.get("um_per_px"), s)
+        conf_um = per_sample(params.get("um_per_px"), s)
         if conf_um:
             um_full = float(conf_um)
             if sd and abs(spot_um / float(sd) - um_full) / um_full > 0.05:
@@ -297,16 +292,17 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
             log.warning("%s: %.4f µm/px disagrees with the spot grid (%.1f px between neighbouring spots = "
                         "%.4f µm/px)",
                         s, um_full, pitch_px, VISIUM_SPOT_PITCH_UM / pitch_px)
-        img_key = (params.get("files") or {}).get("image", "hires")
-        img_key = ((params.get("sample_files") or {}).get(s) or {}).get("image", img_key)
+        img_key = _image_key(params, s)
         if img_key in ("hires", "lowres"):
             if outs is None:
                 raise ValueError(f"sample {s!r}: image: {img_key} needs a Space Ranger outs folder; give a path")
+            if f"tissue_{img_key}_scalef" not in sf:
+                raise FileNotFoundError(f"sample {s!r}: {outs}/spatial/tissue_{img_key}_image.png not found")
             scale = float(sf[f"tissue_{img_key}_scalef"])
             image = outs / "spatial" / f"tissue_{img_key}_image.png"
         else:
             scale = 1.0
-            image = _resolve(params, s, "image", required=True)
+            image = resolve_file(params, s, "image", required=True)
         px_full = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
         obs = pd.DataFrame(index=[f"{s}_{b}" for b in a.obs_names])
         obs["slide"] = s
@@ -319,7 +315,8 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
             if c in a.obs:
                 obs[c] = a.obs[c].to_numpy()
         obs["barcode"] = a.obs_names.to_numpy(str)
-        h, w = image_shape(image)
+        slide = open_slide(image)  # the reader patches.py cuts patches with (TIFFs: lazy, header only)
+        w, h = slide.width, slide.height
         inside = ((obs["px_x"] >= 0) & (obs["px_x"] < w) & (obs["px_y"] >= 0) & (obs["px_y"] < h)).mean()
         if inside < 0.95:
             log.warning("%s: only %.1f%% of spots fall inside %s (%d x %d px); check the image / coordinates",
@@ -333,10 +330,10 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
         slides[s] = {"image_path": str(image), "um_per_px": um_full / scale}
         log.info("%s: %d spots, %d genes, %.4f µm per image px (%s)",
                  s, b.n_obs, b.n_vars, um_full / scale, image.name)
-    genes = _common_genes(parts, samples, params.get("gene_join", "inner"))
+    genes = common_genes(parts, samples, params.get("gene_join", "inner"))
     aligned = []
     for p in parts:
-        q = _align_genes(p, genes)
+        q = align_genes(p, genes)
         q.obs = p.obs
         aligned.append(q)
     spots = ad.concat(aligned, join="outer", merge="first")
@@ -345,6 +342,7 @@ def build_dataset(params: Mapping, seed: int) -> tuple[ad.AnnData, None]:
         spots.obs[c] = spots.obs[c].astype("category")
     spots.obs["region"] = pd.Categorical(spots.obs["region"], categories=classes)
     spots.uns["slides"] = slides
+    spots.uns["spot_diameter_um"] = VISIUM_SPOT_UM
     spots.uns["excluded_classes"] = [classes[i] for i in params.get("excluded_classes", []) or []]
     if params.get("name"):
         spots.uns["dataset"] = str(params["name"])

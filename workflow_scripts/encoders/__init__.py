@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 MODALITIES = ("gex", "img")
+#: modality of an encoder that serves both modalities (``precomputed``); the embed CLI passes the modality it is
+#: run for in ``ctx.extra['modality']``
+ANY_MODALITY = "any"
 
 
 @dataclass
@@ -59,13 +62,15 @@ _BUILTIN = {
     "pca": ("workflow_scripts.encoders.pca", "gex", False),
     "uni2h": ("workflow_scripts.encoders.uni2h", "img", True),
     "nicheformer": ("workflow_scripts.encoders.nicheformer", "gex", True),
+    "precomputed": ("workflow_scripts.encoders.precomputed", ANY_MODALITY, False),
 }
 
 
 def register(name: str, modality: str, needs_gpu: bool = False, description: str = ""):
-    """Decorator that registers ``fn`` as encoder ``name`` for ``modality`` ("gex" or "img")."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    """Decorator that registers ``fn`` as encoder ``name`` for ``modality`` ("gex", "img", or "any" for an encoder
+    that serves both and reads ``ctx.extra['modality']``)."""
+    if modality not in (*MODALITIES, ANY_MODALITY):
+        raise ValueError(f"modality must be one of {(*MODALITIES, ANY_MODALITY)}, got {modality!r}")
 
     def deco(fn):
         _REGISTRY[name] = EncoderSpec(name, modality, fn, needs_gpu, description or (fn.__doc__ or "").strip())

@@ -22,7 +22,7 @@ import time
 import anndata as ad
 import numpy as np
 
-from . import EncodeContext, get_encoder, known_encoders
+from . import ANY_MODALITY, EncodeContext, get_encoder, known_encoders
 from ..io import setup_logging, write_embedding
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ def main(argv=None) -> None:
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
     spec = get_encoder(a.encoder)
-    if a.modality and spec.modality != a.modality:
+    if spec.modality == ANY_MODALITY and not a.modality:
+        raise SystemExit(f"encoder {a.encoder!r} serves both modalities: pass --modality gex or --modality img")
+    if a.modality and spec.modality not in (a.modality, ANY_MODALITY):
         raise SystemExit(
             f"encoder {a.encoder!r} embeds {spec.modality!r}, not {a.modality!r}: "
             f"set datasets.<name>.encoders.{spec.modality} (not .{a.modality}) to {a.encoder!r} in the config"
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
     if a.weights:
         params["weights"] = a.weights
     spots = ad.read_h5ad(a.dataset)
-    extra = {}
+    extra = {"modality": a.modality or spec.modality}
     if a.cells:
         extra["cells"] = ad.read_h5ad(a.cells)
     ctx = EncodeContext(
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
         patch_um=a.patch_um, patch_px=a.patch_px, extra=extra,
     )
     df = embed(a.encoder, spots, params, ctx)
-    meta = {"encoder": a.encoder, "modality": spec.modality, "params": params,
+    meta = {"encoder": a.encoder, "modality": a.modality or spec.modality, "params": params,
             "patch_um": a.patch_um, "seed": a.seed}
     # encoder diagnostics (feature names, explained variance, counts of dropped genes/spots) travel with the table
     meta.update({k: v for k, v in df.attrs.items() if k not in meta})

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import barlow_twins, byol, cca, comm, dcca, dim, simclr, simsiam, vicreg
+from . import barlow_twins, byol, cca, comm, dcca, dim, simclr, simsiam, tensor_fusion, vicreg
 from .baselines import concat_embedding, random_embedding
 from .base import AlignModel
 from .training import HISTORY_COLUMNS, predict, resolve_device, resolve_params, split_indices, train_model
@@ -52,6 +52,9 @@ METHODS = ("cca", "dcca", "comm", "simclr", "byol", "simsiam", "barlow_twins", "
 SPECTRAL_METHODS = ("cca", "dcca")
 #: Baselines that fit_method also produces.
 BASELINES = ("random",)
+#: Positive controls that fit_method also produces (not among the ten methods): parameter-free embeddings that can
+#: express cross-modal interactions (:mod:`.tensor_fusion`).
+CONTROLS = ("tensor_fusion",)
 
 #: Neural methods: name → AlignModel class.
 MODELS: dict[str, type[AlignModel]] = {
@@ -77,6 +80,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "dim": dim.DEFAULTS,
     "concat": {},
     "random": {},
+    "tensor_fusion": tensor_fusion.DEFAULTS,
 }
 
 
@@ -171,8 +175,8 @@ def fit_method(
     Raises ValueError on an unknown method or parameter, mismatched rows, non-finite inputs, or a ``fit_mask`` of
     the wrong shape or with fewer than 2 rows selected.
     """
-    if method not in METHODS + BASELINES:
-        raise ValueError(f"unknown method {method!r}; known: {list(METHODS + BASELINES)}")
+    if method not in METHODS + BASELINES + CONTROLS:
+        raise ValueError(f"unknown method {method!r}; known: {list(METHODS + BASELINES + CONTROLS)}")
     z_gex, z_img = _check_inputs(z_gex, z_img)
     if fit_mask is not None:
         return _fit_on_subset(method, z_gex, z_img, params, seed, device, progress, fit_mask)
@@ -189,6 +193,14 @@ def fit_method(
         return AlignResult(z3, empty_history, _meta(method, seed, p, d_img, d_gex, z3.shape[1], None, n), None)
     if method == "cca":
         return _fit_cca(z_gex, z_img, p, seed)
+    if method == "tensor_fusion":
+        tf_state = tensor_fusion.fit_tensor_fusion(z_img, z_gex, p["rank"])
+        z3 = tensor_fusion.tensor_fusion_embedding(tf_state, z_img, z_gex)
+        log.info("tensor_fusion: rank img %d, gex %d, Z3 dim %d", len(tf_state["img"]["sd"]),
+                 len(tf_state["gex"]["sd"]), z3.shape[1])
+        flat = {k: torch.as_tensor(v) for k, v in tensor_fusion.state_to_flat(tf_state).items()}
+        state = _meta(method, seed, p, d_img, d_gex, z3.shape[1], None, n, n_train=n, state_dict=flat)
+        return AlignResult(z3, empty_history, state, None)
 
     dev = resolve_device(device)
     torch.manual_seed(int(seed))
@@ -265,6 +277,9 @@ def embed_with_state(state: dict, z_gex: np.ndarray, z_img: np.ndarray, device: 
                          f"{z_img.shape[1]}, {z_gex.shape[1]}")
     if method == "concat":
         return concat_embedding(z_img, z_gex), None
+    if method == "tensor_fusion":
+        tf_state = tensor_fusion.state_from_flat(state["state_dict"])
+        return tensor_fusion.tensor_fusion_embedding(tf_state, z_img, z_gex), None
     if method == "cca":
         model = cca.LinearCCA.from_state_dict({k: v.numpy() if torch.is_tensor(v) else v
                                                for k, v in state["state_dict"].items()})
@@ -283,6 +298,7 @@ __all__ = [
     "METHODS",
     "SPECTRAL_METHODS",
     "BASELINES",
+    "CONTROLS",
     "MODELS",
     "METHOD_DEFAULTS",
     "AlignModel",

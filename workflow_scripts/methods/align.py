@@ -36,7 +36,7 @@ from workflow_scripts.io import (
     setup_logging,
     write_embedding,
 )
-from workflow_scripts.methods import BASELINES, METHODS, fit_method
+from workflow_scripts.methods import BASELINES, CONTROLS, METHODS, fit_method
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def read_fit_mask(path: str | Path, ids: list[str]) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.methods.align", description=__doc__.split("\n")[0])
-    ap.add_argument("--method", required=True, choices=list(METHODS + BASELINES))
+    ap.add_argument("--method", required=True, choices=list(METHODS + BASELINES + CONTROLS))
     ap.add_argument("--gex", required=True, help="GEX embedding table (parquet)")
     ap.add_argument("--img", required=True, help="IMG embedding table (parquet)")
     ap.add_argument("--seed", type=int, required=True)

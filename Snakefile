@@ -28,6 +28,7 @@ include: "rules/umap.smk"
 include: "rules/scaling.smk"
 include: "rules/pid_common.smk"
 include: "rules/pid.smk"
+include: "rules/benchmarks.smk"
 
 
 localrules:
@@ -45,6 +46,7 @@ localrules:
 rule all:
     input:
         final_targets(),
+        "results/figures/benchmarks.png",
 
 
 rule figures:

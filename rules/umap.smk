@@ -2,30 +2,32 @@
 
 
 rule umap_coords:
-    """2-D UMAP of one embedding (seed config umap.seed, default the first seed) with a fixed random_state."""
+    """2-D UMAPs of every embedding of a dataset (seed config umap.seed, default the first seed), fixed random_state.
+
+    One job per dataset: umap-learn is compiled by numba in every new process, which costs more than the fits.
+    """
     input:
-        lambda wc: embedding_path(wc.dataset, wc.embedding, umap_seed()),
+        lambda wc: [embedding_path(wc.dataset, e, umap_seed()) for e in embeddings_of(wc.dataset)],
     output:
-        "results/{dataset}/umap/{embedding}.tsv",
+        "results/{dataset}/umap/coords.tsv",
     log:
-        "logs/{dataset}/umap_{embedding}.log",
+        "logs/{dataset}/umap.log",
     conda:
         "../envs/cellsynergy.yaml"
     resources:
         mem_mb=8000,
-        runtime=30,
+        runtime=60,
     params:
         umap=json.dumps({k: v for k, v in acfg("umap").items() if k not in ("label", "seed")}),
+        names=lambda wc: embeddings_of(wc.dataset),
     shell:
-        "python -m workflow_scripts.analysis.umap --embedding {input} --params {params.umap:q}"
+        "python -m workflow_scripts.analysis.umap --embedding {input} --names {params.names} --params {params.umap:q}"
         " --out {output} --log {log}"
 
 
 rule figure_umap:
     input:
-        coords=lambda wc: expand(
-            "results/{dataset}/umap/{embedding}.tsv", dataset=wc.dataset, embedding=embeddings_of(wc.dataset)
-        ),
+        coords="results/{dataset}/umap/coords.tsv",
         spots="results/{dataset}/spots.h5ad",
     output:
         report(

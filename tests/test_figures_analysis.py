@@ -66,3 +66,35 @@ def test_umap_is_deterministic_and_separates_clusters():
     c0, c1 = a.iloc[:60].mean().to_numpy(), a.iloc[60:].mean().to_numpy()
     spread = a.iloc[:60].std().mean()
     assert np.linalg.norm(c0 - c1) > 3 * spread
+
+
+def test_umap_cli_fits_several_embeddings_in_one_process_as_each_alone(tmp_path):
+    import json
+
+    from workflow_scripts.io import write_embedding
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(2):
+        x = np.vstack([rng.normal(0, 1, (40, 5 + k)), rng.normal(6, 1, (40, 5 + k))])
+        paths.append(tmp_path / f"e{k}.parquet")
+        write_embedding(embedding_frame(x, [f"s{i}" for i in range(80)]), paths[-1])
+    params = json.dumps({"n_neighbors": 10, "random_state": 3})
+    both, alone = tmp_path / "both.tsv", tmp_path / "alone.tsv"
+    umap_mod.main(["--embedding", *map(str, paths), "--names", "a", "b", "--params", params, "--out", str(both)])
+    umap_mod.main(["--embedding", str(paths[1]), "--params", params, "--out", str(alone)])
+    t, t1 = pd.read_csv(both, sep="\t"), pd.read_csv(alone, sep="\t")
+    assert list(t.columns) == ["embedding", "spot_id", "umap1", "umap2"] and list(t["embedding"].unique()) == ["a", "b"]
+    assert (t1["embedding"] == "e1").all()                 # default name: the file name
+    b = t[t["embedding"] == "b"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(b.drop(columns="embedding"), t1.drop(columns="embedding"))  # batch changes nothing
+    with pytest.raises(SystemExit):  # one name per embedding
+        umap_mod.main(["--embedding", *map(str, paths), "--names", "a", "--params", params, "--out", str(both)])
+    # the figure takes the combined table: one panel per embedding
+    import anndata as ad
+
+    spots = tmp_path / "spots.h5ad"
+    obs = pd.DataFrame({"slide": ["S0"] * 40 + ["S1"] * 40}, index=[f"s{i}" for i in range(80)])
+    ad.AnnData(obs=obs).write_h5ad(spots)
+    fa.main(["umap", "--coords", str(both), "--spots", str(spots), "--colour", "slide", "--out", str(tmp_path / "u.png")])
+    assert (tmp_path / "u.png").stat().st_size > 5_000

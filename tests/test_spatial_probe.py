@@ -172,11 +172,67 @@ def test_cli_writes_table(tmp_path):
 
 
 def test_unstratifiable_split_falls_back_with_log(caplog):
-    from workflow_scripts.evaluation.spatial_probe import _split
+    from workflow_scripts.evaluation.spatial_probe import ring_splits
 
     y = np.array(["a"] * 20 + ["b"])  # "b" has one member: stratification impossible
     with caplog.at_level(logging.INFO):
-        tr, te = _split(len(y), y, 0.2, 0, "ring x")
+        (tr, te), = ring_splits(len(y), y, n_repeats=1, test_size=0.2, seed=0, what="ring x")
     assert len(tr) + len(te) == 21 and "unstratified split used" in caplog.text
-    tr2, te2 = _split(len(y), None, 0.2, 0, "ring x")
+    (tr2, te2), = ring_splits(len(y), None, n_repeats=1, test_size=0.2, seed=0, what="ring x")
     assert np.array_equal(np.sort(te), np.sort(te2))  # same seed → the same unstratified split
+
+
+def test_ring_splits_folds_groups_and_seeds():
+    from workflow_scripts.evaluation.spatial_probe import ring_splits, split_random_state
+
+    n = 60
+    y = np.array(list("ab") * 30)
+    folds = np.repeat([0.0, 1.0, 2.0], 20)
+    folds[:5] = np.nan                                   # no fold: in no split
+    sp = ring_splits(n, y, folds=folds)
+    assert len(sp) == 3
+    for k, (tr, te) in enumerate(sp):
+        assert np.array_equal(np.sort(te), np.flatnonzero(folds == k))
+        assert not set(tr) & set(te) and not set(range(5)) & set(tr)
+    groups = np.repeat(list("PQRSTU"), 10)
+    sp = ring_splits(n, y, groups=groups, n_folds=4, seed=3)
+    assert len(sp) == 4
+    for tr, te in sp:
+        assert not set(groups[tr]) & set(groups[te])      # no group on both sides
+    assert sorted(np.concatenate([te for _, te in sp])) == list(range(n))
+    assert ring_splits(n, y, groups=np.repeat("P", n)) == []  # one group: no grouped split
+    # repeated hold-out: the splits of seeds 0 and 1 are independent draws (the reference's seed + repeat
+    # gave seed 1 repeats 0-3 equal to seed 0 repeats 1-4)
+    s0 = [set(te) for _, te in ring_splits(n, y, n_repeats=5, seed=0)]
+    s1 = [set(te) for _, te in ring_splits(n, y, n_repeats=5, seed=1)]
+    assert not any(a == b for a in s0 for b in s1)
+    assert len({split_random_state(s, r) for s in range(3) for r in range(5)}) == 15
+    assert [set(te) for _, te in ring_splits(n, y, n_repeats=5, seed=0)] == s0  # deterministic
+
+
+def test_spatial_probe_follows_grouped_cv_and_given_folds():
+    from workflow_scripts.evaluation.spatial_probe import cv_groups, ring_problems
+
+    rng = np.random.default_rng(0)
+    a = grid_adata(slide_labels=("stripes", "stripes", "stripes"))
+    own = pd.get_dummies(a.obs["label"]).to_numpy(float)
+    emb = embedding_frame(3 * own + 0.3 * rng.normal(size=own.shape), a.obs_names)
+    tasks = {"stripe": {"type": "classification", "label": "label"}}
+    edges = [0, 210, 300]
+    slide = a.obs["slide"].astype(str).to_numpy()
+    groups = cv_groups(a, "group_slide")
+    probs = list(ring_problems(emb, a, tasks, edges, SPARAMS, seed=0, groups=groups, n_folds=5))
+    assert len(probs) == 2
+    for p in probs:
+        assert len(p.splits) == 3                          # 3 slides < 5 folds
+        for tr, te in p.splits:
+            assert len(set(slide[tr]) & set(slide[te])) == 0
+    res = run_spatial_probe(emb, a, tasks, edges, {**PARAMS, "cv": "group_slide"}, SPARAMS, seed=0)
+    assert sorted(res["repeat"].unique()) == [0, 1, 2] and res.loc[res.ring == 0, "value"].min() > 0.8
+    folds = pd.Series(np.where(a.obs["row"].to_numpy() < 7, 0, 1), index=a.obs_names)
+    res = run_spatial_probe(emb, a, tasks, edges, PARAMS, SPARAMS, seed=0, folds={"stripe": folds})
+    assert sorted(res["repeat"].unique()) == [0, 1]
+    with pytest.raises(KeyError, match="no fold assignment for task"):
+        run_spatial_probe(emb, a, tasks, edges, PARAMS, SPARAMS, seed=0, folds={"other": folds})
+    with pytest.raises(ValueError, match="probe.cv"):
+        run_spatial_probe(emb, a, tasks, edges, {**PARAMS, "cv": "blocks"}, SPARAMS, seed=0)

@@ -2,9 +2,16 @@
 
 UMAP (McInnes, Healy & Melville 2018, arXiv:1802.03426; the ``umap-learn`` package) of one embedding table:
 per-feature standardisation → PCA to ≤ ``n_pca`` dims → ``UMAP(n_neighbors, min_dist, metric, random_state)``;
-deterministic for a fixed ``random_state`` (single-threaded). Writes ``spot_id, umap1, umap2`` (TSV).
+deterministic for a fixed ``random_state`` (single-threaded).
 
-CLI: ``python -m workflow_scripts.analysis.umap --embedding E.parquet --params JSON --out OUT.tsv --log LOG``.
+umap-learn's functions are compiled by numba on first use in every process (most are not cached on disk), which
+costs 10-20 s of CPU, far more than a fit of a few thousand spots; the CLI therefore takes several embeddings and
+fits them one after another in one process (one job per dataset), so the compilation is paid once. Each fit
+starts from its own ``random_state``, so the coordinates do not depend on how many embeddings share the job.
+
+CLI: ``python -m workflow_scripts.analysis.umap --embedding E1.parquet [E2.parquet ...] [--names N1 [N2 ...]]
+--params JSON --out COORDS.tsv --log LOG`` writes one table ``embedding, spot_id, umap1, umap2`` (embeddings in the
+order given; names default to the file names without ``.parquet``).
 """
 
 from __future__ import annotations
@@ -58,20 +65,32 @@ def umap_coords(emb: pd.DataFrame, params: Mapping | None = None) -> pd.DataFram
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: see the module docstring."""
+    """CLI: see the module docstring. Exits with a usage error when the numbers of embeddings and names differ."""
+    import time
+
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.analysis.umap", description=__doc__.split("\n")[0])
-    ap.add_argument("--embedding", required=True)
+    ap.add_argument("--embedding", required=True, nargs="+", help="embedding table(s) (parquet)")
+    ap.add_argument("--names", nargs="+", default=None, help="embedding names, one per --embedding")
     ap.add_argument("--params", default="{}", help="JSON, config umap")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="TSV: embedding, spot_id, umap1, umap2")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
+    names = args.names or [Path(p).name.removesuffix(".parquet") for p in args.embedding]
+    if len(names) != len(args.embedding):
+        ap.error(f"{len(args.embedding)} --embedding files but {len(names)} --names; give one name per embedding")
     setup_logging(args.log)
     params = json_arg(args.params, "--params")
     params.pop("label", None)
-    xy = umap_coords(read_embedding(args.embedding), params)
+    frames = []
+    for name, emb_path in zip(names, args.embedding):
+        t0 = time.process_time()
+        xy = umap_coords(read_embedding(emb_path), params)
+        frames.append(xy.reset_index(names="spot_id").assign(embedding=name)[["embedding", "spot_id", "umap1", "umap2"]])
+        log.info("%s: %d UMAP coordinates from %s (%.1f s CPU, numba compilation included on the first)",
+                 name, len(xy), emb_path, time.process_time() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    xy.to_csv(args.out, sep="\t", index_label="spot_id")
-    log.info("wrote %d UMAP coordinates to %s", len(xy), args.out)
+    pd.concat(frames, ignore_index=True).to_csv(args.out, sep="\t", index=False)
+    log.info("wrote the UMAP coordinates of %d embeddings to %s", len(frames), args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ ROC-AUC (mean ± sd over folds). This module implements that protocol:
    max_iter 1000, random_state 42), cross-validated with ``GroupKFold(min(n_folds, n_slides))`` grouped by
    slide (all pairs lie within one slide, so no slide is in both training and test folds). With a single
    slide grouping is impossible: ``StratifiedKFold`` is used and logged as a warning (``cv`` column says so).
+   The pair features are float32 and each fold's fit starts from the previous fold's coefficients
+   (:mod:`workflow_scripts.evaluation.linear_fits`): same scaler and L-BFGS tolerance, fewer iterations; the
+   scores differ from float64 fits started at zero only within that tolerance (BENCHMARKS.md).
 6. **Metrics** per fold: binary F1 (positive class = close), accuracy, ROC-AUC of the predicted probability.
 
 Output (long, one row per metric × fold): ``metric, fold, value, n_train, n_test, n_pos, n_neg, cv, test_slides``
@@ -40,15 +43,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from scipy.spatial.distance import pdist
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 from sklearn.neighbors import NearestNeighbors
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..io import drop_invalid_rows, embedding_task_parser, json_arg, read_embedding, setup_logging, write_result_table
+from .linear_fits import WarmStart, fit_logreg, standardize
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def spatial_consistency(emb: np.ndarray, coords: np.ndarray, slides: np.ndarray,
         emb = (emb - emb.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     pairs, y, pslide = sample_pairs(coords, slides, p, seed)
     rng = np.random.default_rng(seed + 1)
-    X = pair_features(emb, pairs, p["pair_features"], rng)
+    X = pair_features(emb.astype(np.float32), pairs, p["pair_features"], rng)
     n_slides = len(set(pslide))
     if n_slides >= 2:
         n_splits = min(int(p["n_folds"]), n_slides)
@@ -259,13 +260,14 @@ def spatial_consistency(emb: np.ndarray, coords: np.ndarray, slides: np.ndarray,
         splits = list(StratifiedKFold(int(p["n_folds"]), shuffle=True, random_state=seed).split(X, y))
         cv = "stratified_pairs"
     rows = []
+    warm = WarmStart()
     for fold, (tr, te) in enumerate(tqdm(splits, desc="spatial consistency folds", leave=False)):
         if len(set(y[tr])) < 2 or len(set(y[te])) < 2:
             log.warning("fold %d: a class is missing in training or test pairs; skipped", fold)
             continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=int(p["max_iter"]), random_state=seed))
-        clf.fit(X[tr], y[tr])
-        prob = clf.predict_proba(X[te])[:, 1]
+        Ztr, Zte = standardize(X[tr], X[te])
+        clf = fit_logreg(Ztr, y[tr], max_iter=int(p["max_iter"]), random_state=seed, warm=warm)
+        prob = clf.predict_proba(Zte)[:, 1]
         pred = (prob >= 0.5).astype(int)
         n_pos, n_neg = int(y[te].sum()), int((1 - y[te]).sum())
         test_slides = ",".join(sorted(set(pslide[te])))
@@ -273,7 +275,8 @@ def spatial_consistency(emb: np.ndarray, coords: np.ndarray, slides: np.ndarray,
                               ("roc_auc", roc_auc_score(y[te], prob))):
             rows.append(dict(metric=metric, fold=fold, value=float(value), n_train=len(tr), n_test=len(te),
                              n_pos=n_pos, n_neg=n_neg, cv=cv, test_slides=test_slides))
-        log.info("fold %d: test slides %s, ROC-AUC %.4f", fold, test_slides, rows[-1]["value"])
+        log.info("fold %d: test slides %s, ROC-AUC %.4f (%d L-BFGS iterations)", fold, test_slides, rows[-1]["value"],
+                 int(np.max(clf.n_iter_)))
     df = pd.DataFrame(rows, columns=COLUMNS)
     for m, g in df.groupby("metric"):
         log.info("%s: mean %.4f sd %.4f over %d folds", m, g["value"].mean(), g["value"].std(ddof=0), len(g))

@@ -297,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t = sub.add_parser("training_curves")
     t.add_argument("--histories", nargs="+", required=True, help=".../aligned/<method>/seed<seed>.history.tsv")
     f = sub.add_parser("umap")
-    f.add_argument("--coords", nargs="+", required=True, help="coordinate TSVs named <embedding>.tsv")
+    f.add_argument("--coords", nargs="+", required=True,
+                   help="coordinate TSVs: one table with an 'embedding' column, or files named <embedding>.tsv")
     f.add_argument("--spots", required=True)
     f.add_argument("--colour", required=True, help="obs column (e.g. slide, cluster)")
     f.add_argument("--dataset", default="")
@@ -324,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         coords = {}
         for p in args.coords:
             d = _read(p)
-            coords[_name_from_coords_path(p)] = d.set_index(d["spot_id"].astype(str))[["umap1", "umap2"]]
+            parts = d.groupby("embedding", sort=False) if "embedding" in d.columns else [(_name_from_coords_path(p), d)]
+            for name, g in parts:
+                coords[name] = g.set_index(g["spot_id"].astype(str))[["umap1", "umap2"]]
         plot_umaps(coords, obs[args.colour], args.out,
                    f"UMAP of the unimodal and fused embeddings{' of ' + args.dataset if args.dataset else ''}, "
                    f"coloured by {args.colour}")

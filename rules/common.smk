@@ -232,6 +232,20 @@ def probe_embeddings(wildcards):
     return [embedding_path(wildcards.dataset, wildcards.embedding, wildcards.seed)]
 
 
+def spectral_views_inputs(wildcards):
+    """Views a method's spectrum is measured on: every outer fold's (held-out rows) under the inductive protocol,
+    else the transductive interface's (all rows)."""
+    if "inductive" in PROTOCOLS and wildcards.method in INDUCTIVE_METHODS:
+        return expand(
+            "results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.views.npz",
+            dataset=wildcards.dataset,
+            method=wildcards.method,
+            seed=wildcards.seed,
+            outer=range(n_outer(wildcards.dataset)),
+        )
+    return [f"results/{wildcards.dataset}/aligned/{wildcards.method}/seed{wildcards.seed}.views.npz"]
+
+
 def has_controls(embedding):
     """Every fused embedding (a method, a positive control, a fused file) is probed with its controls."""
     return embedding not in ALL_BASELINES and bool(config["probe"]["controls"])

@@ -27,13 +27,36 @@ rule folds:
         " --out {output.tsv} --log {log}"
 
 
+rule interface_folds:
+    """The outer folds the inductive interfaces are trained on: the interface rows of the inductive fold table
+    alone, so that a task setting (labels, exclusions, min_class_size) does not retrain any interface."""
+    input:
+        "results/{dataset}/spots.h5ad",
+    output:
+        tsv="results/{dataset}/folds/inductive/seed{seed}.interface.tsv",
+        meta="results/{dataset}/folds/inductive/seed{seed}.interface.json",
+    log:
+        "logs/{dataset}/interface_folds_seed{seed}.log",
+    conda:
+        "../envs/cellsynergy.yaml"
+    params:
+        probe=json.dumps({"n_folds": config["probe"]["n_folds"]}),
+        inductive=json.dumps(config["inductive"]),
+        patch_um=lambda wc: ds_cfg(wc.dataset)["patch_um"],
+        n_outer=lambda wc: n_outer(wc.dataset),
+    shell:
+        "python -m workflow_scripts.evaluation.folds make --interface-only --spots {input} --protocol inductive"
+        " --seed {wildcards.seed} --params {params.probe:q} --inductive {params.inductive:q}"
+        " --patch-um {params.patch_um} --n-outer {params.n_outer} --out {output.tsv} --log {log}"
+
+
 rule align_inductive:
     """Train one fusion method on the training donors of one outer fold (inductive protocol) and embed every spot."""
     input:
         gex=lambda wc: embedding_file(wc.dataset, "gex"),
         img=lambda wc: embedding_file(wc.dataset, "img"),
-        folds="results/{dataset}/folds/inductive/seed{seed}.tsv",
-        folds_meta="results/{dataset}/folds/inductive/seed{seed}.json",
+        folds="results/{dataset}/folds/inductive/seed{seed}.interface.tsv",
+        folds_meta="results/{dataset}/folds/inductive/seed{seed}.interface.json",
     output:
         z3="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.parquet",
         model="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.pt",
@@ -52,13 +75,13 @@ rule align_inductive:
         gpu=method_gpu,
         mem_mb=8000,
         runtime=120,
+        device=config["training"]["device"],  # not a param: the device does not change what is trained
     params:
         train=lambda wc: json.dumps(training_params(wc.method)),
-        device=config["training"]["device"],
     shell:
         "python -m workflow_scripts.evaluation.folds fit-spots --folds {input.folds} --outer {wildcards.outer}"
         " --out {output.fit} --log {log.fit}"
         " && python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
         " --seed {wildcards.seed} --params {params.train:q} --fit-spots {output.fit} --out {output.z3}"
-        " --model {output.model} --history {output.history} --views {output.views} --device {params.device}"
+        " --model {output.model} --history {output.history} --views {output.views} --device {resources.device}"
         " --threads {threads} --log {log.align}"

@@ -28,9 +28,11 @@ rule spectral_unimodal:
 
 
 rule spectral_views:
-    """Spectrum between a method's two projected views (what its objective aligns), on every spot (transductive)."""
+    """Spectrum between a method's two projected views (what its objective aligns). With the inductive protocol
+    enabled: on held-out spots only, each spot's views from the interface of the outer fold that held it out;
+    else on every spot (the study's transductive analysis)."""
     input:
-        views="results/{dataset}/aligned/{method}/seed{seed}.views.npz",
+        views=spectral_views_inputs,
         spots="results/{dataset}/spots.h5ad",
     output:
         "results/{dataset}/spectral/{method}/seed{seed}.tsv",
@@ -43,10 +45,11 @@ rule spectral_views:
         runtime=120,
     params:
         spectral=spectral_params(),
+        rows="held_out" if "inductive" in PROTOCOLS else "all",
     shell:
-        "python -m workflow_scripts.analysis.spectral views --views {input.views} --rows all --spots {input.spots}"
-        " --method {wildcards.method} --dataset {wildcards.dataset} --seed {wildcards.seed} --params {params.spectral:q}"
-        " --out {output} --log {log}"
+        "python -m workflow_scripts.analysis.spectral views --views {input.views} --rows {params.rows}"
+        " --spots {input.spots} --method {wildcards.method} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+        " --params {params.spectral:q} --out {output} --log {log}"
 
 
 rule collect_spectral:

@@ -194,3 +194,20 @@ def test_cli_make_and_fit_spots(tmp_path, tiny_spots):
     ids = pd.read_csv(fit, sep="\t")["spot_id"]
     assert len(ids) == 36 and set(tiny_spots.obs.loc[ids, "donor"]) == {"DS1"}
     assert "interface outer fold 1" in (tmp_path / "f.log").read_text()
+
+
+def test_interface_only_table_equals_the_interface_rows_of_the_full_table(tmp_path, tiny_spots):
+    """align_inductive reads the interface-only file; the probes read the full table: their outer folds agree."""
+    tiny_spots.write_h5ad(tmp_path / "spots.h5ad")
+    tasks = {"cluster": {"type": "classification", "label": "cluster"}}
+    common = ["--spots", str(tmp_path / "spots.h5ad"), "--protocol", "inductive", "--seed", "3",
+              "--params", json.dumps({"n_folds": 5}), "--patch-um", "200", "--n-outer", "2"]
+    F.main(["make", *common, "--tasks", json.dumps(tasks), "--min-class-size", "3", "--out", str(tmp_path / "full.tsv")])
+    F.main(["make", *common, "--interface-only", "--out", str(tmp_path / "iface.tsv")])
+    full, _ = F.read_folds(tmp_path / "full.tsv")
+    iface, meta = F.read_folds(tmp_path / "iface.tsv")
+    assert set(iface.task) == {F.INTERFACE_TASK} and meta["tasks"] == {}
+    pd.testing.assert_frame_equal(full[full.task == F.INTERFACE_TASK].reset_index(drop=True), iface)
+    with pytest.raises(ValueError, match="--interface-only needs --protocol inductive"):
+        F.main(["make", *[c if c != "inductive" else "transductive" for c in common], "--interface-only",
+                "--out", str(tmp_path / "x.tsv")])

@@ -19,9 +19,11 @@ from workflow_utils import REPO, job_counts, snakemake, workdir
 pytestmark = pytest.mark.e2e  # runs the workflow (with --touch): about 40 s on 2 cores
 
 SMALL = REPO / "tests/data/config_small.yaml"
-UPSTREAM = {"prepare", "qc_patches", "embed", "align", "random_baseline"}
-EVALUATION_ONLY = {"probe", "spatial_probe", "collect_probes", "collect_spatial", "sis", "figure_probe_scores",
-                   "figure_sis_heatmap", "figure_spatial_rings", "all"}
+UPSTREAM = {"prepare", "qc_patches", "embed", "align", "align_inductive", "interface_folds", "random_baseline"}
+EVALUATION_ONLY = {"folds", "probe", "spatial_probe", "pid", "collect_probes", "collect_spatial", "sis",
+                   "figure_probe_scores", "figure_sis_heatmap", "figure_spatial_rings", "figure_protocols",
+                   "figure_pid", "collect_benchmarks", "figure_benchmarks", "all"}
+BENCHMARKS = {"collect_benchmarks", "figure_benchmarks"}  # the per-rule benchmark table follows every rerun
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +64,13 @@ def planned(wd, change: dict, name: str):
 @pytest.mark.parametrize(
     "name, change, expected_changed",
     [
-        ("min_class_size", {"datasets": {"her2st": {"min_class_size": 4}}}, {"probe", "spatial_probe"}),
+        # the class set is fixed in the fold tables (folds), which the probes then read
+        ("min_class_size", {"datasets": {"her2st": {"min_class_size": 4}}}, {"folds", "spatial_probe", "pid"}),
         ("ring_edges", {"datasets": {"her2st": {"spatial": {"ring_edges_um": [0, 250, 500, 900]}}}},
          {"spatial_probe"}),
         ("task_exclude", {"datasets": {"her2st": {"tasks": {"pathology": {
             "type": "classification", "label": "pathology", "exclude": ["undetermined", "invasive cancer"]}}}}},
-         {"probe"}),
+         {"folds", "pid"}),
         ("probe", {"probe": {"logreg_max_iter": 500}}, {"probe", "spatial_probe"}),
     ],
 )
@@ -81,7 +84,7 @@ def test_evaluation_settings_rerun_only_evaluation_jobs(done, name, change, expe
 def test_analysis_setting_reruns_only_that_analysis(done):
     counts, changed = planned(done, {"spatial_consistency": {"k": 3}}, "sc")
     assert changed == {"spatial_consistency"}
-    assert set(counts) == {"spatial_consistency", "collect_spatial_consistency", "figure_spatial_consistency", "all"}
+    assert set(counts) == {"spatial_consistency", "collect_spatial_consistency", "figure_spatial_consistency", "all"} | BENCHMARKS
     assert counts["spatial_consistency"] == 13
 
 
@@ -92,27 +95,29 @@ def test_gex_encoder_setting_reruns_the_gex_embedding_and_everything_after(done)
     assert "prepare" not in counts and "qc_patches" not in counts
     # every embedding built from GEX: all but the image-only baseline
     assert counts["align"] == 10 and counts["random_baseline"] == 1
-    assert counts["probe"] == 12 and counts["spatial_consistency"] == 12
+    # two protocols; the inductive interfaces (9 methods x 2 donors) are retrained too
+    assert counts["probe"] == 12 * 2 and counts["spatial_consistency"] == 12 and counts["align_inductive"] == 18
+    assert "folds" not in counts and "interface_folds" not in counts
 
 
 def test_patch_size_reruns_the_image_embedding_and_qc_not_the_spots(done):
     counts, changed = planned(done, {"datasets": {"her2st": {"patch_um": 150}}}, "patch")
-    assert changed == {"embed", "qc_patches"}
+    assert changed == {"embed", "qc_patches", "folds", "interface_folds"}  # the inductive buffer is one patch
     assert counts["embed"] == 1 and counts["qc_patches"] == 1 and "prepare" not in counts
     assert counts["align"] == 10
 
 
 def test_training_setting_reruns_training_not_embeddings(done):
     counts, changed = planned(done, {"training": {"method_params": {"simclr": {"temperature": 0.2}}}}, "simclr")
-    assert changed == {"align"}
-    assert counts["align"] == 1 and "embed" not in counts and "random_baseline" not in counts
-    assert counts["probe"] == 1 and counts["spatial_probe"] == 1
+    assert changed == {"align", "align_inductive"}
+    assert counts["align"] == 1 and counts["align_inductive"] == 2 and "embed" not in counts and "random_baseline" not in counts
+    assert counts["probe"] == 2 and counts["spatial_probe"] == 1  # one probe job per protocol
 
 
 def test_learning_rate_does_not_refit_cca_or_concat(done):
     counts, changed = planned(done, {"training": {"lr": 2e-4}}, "lr")
-    assert changed == {"align"}
-    assert counts["align"] == 8 and counts["probe"] == 8  # the ten methods but cca (closed form) and concat
+    assert changed == {"align", "align_inductive"}
+    assert counts["align"] == 8 and counts["align_inductive"] == 16 and counts["probe"] == 16  # the ten methods but cca (closed form) and concat
     assert "embed" not in counts and "random_baseline" not in counts
 
 

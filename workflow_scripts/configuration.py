@@ -38,6 +38,8 @@ TRAINING_KEYS = (
     "ema_smoothing",
     "val_fraction",
     "val_fraction_unsupervised",
+    "min_delta",
+    "standardize",
 )
 
 #: Each method's own parameters (``workflow_scripts.methods.METHOD_DEFAULTS[method]``); ``training.method_params.<m>``

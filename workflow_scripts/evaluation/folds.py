@@ -480,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ``python -m workflow_scripts.evaluation.folds make --spots spots.h5ad --protocol P --seed S --tasks JSON
     --params JSON [--inductive JSON] [--min-class-size N] [--patch-um X] [--n-outer K] --out FOLDS.tsv --log LOG``
     writes the fold table and ``FOLDS.json``;
+    ``make --interface-only`` writes only the ``_interface`` rows of the inductive protocol (identical to those of
+    the full table: they do not depend on the tasks), so that the alignment jobs do not rerun when a task setting
+    changes;
     ``python -m workflow_scripts.evaluation.folds fit-spots --folds FOLDS.tsv --outer K --out FIT.tsv --log LOG``
     writes the ``spot_id`` list the interface of outer fold K is fit on (``align --fit-spots``).
     """
@@ -491,12 +494,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     m.add_argument("--spots", required=True)
     m.add_argument("--protocol", required=True, choices=PROTOCOLS)
     m.add_argument("--seed", type=int, required=True)
-    m.add_argument("--tasks", required=True, help="JSON dict {task: {type, label|obsm, exclude}}")
+    m.add_argument("--tasks", default="{}", help="JSON dict {task: {type, label|obsm, exclude}}")
     m.add_argument("--params", required=True, help="JSON of config probe: {n_folds, cv, ...}")
     m.add_argument("--inductive", default="{}", help="JSON of config inductive: {buffer_um, block_um}")
     m.add_argument("--min-class-size", type=int, default=10)
     m.add_argument("--patch-um", type=float, default=200.0)
     m.add_argument("--n-outer", type=int, default=None, help="outer folds planned by the workflow (checked)")
+    m.add_argument("--interface-only", action="store_true",
+                   help="inductive: write only the interface rows (the outer folds the alignment is trained on); "
+                        "they depend on the donors, n_folds, seed and patch geometry, not on the tasks")
     f = sub.add_parser("fit-spots", help="the spots one outer fold's interface is fit on")
     f.add_argument("--folds", required=True)
     f.add_argument("--outer", type=int, required=True)
@@ -520,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .probes import check_task_spec, task_targets
     from .tasks import check_tasks
 
-    tasks = json_arg(args.tasks, "--tasks")
+    tasks = {} if args.interface_only else json_arg(args.tasks, "--tasks")
+    if args.interface_only and args.protocol != "inductive":
+        raise ValueError("--interface-only needs --protocol inductive (only it trains one interface per outer fold)")
     params = json_arg(args.params, "--params")
     ind = json_arg(args.inductive, "--inductive") or {}
     spots = Path(args.spots)

@@ -77,6 +77,9 @@ def test_noise_labels_score_near_chance():
     emb = embedding_frame(rng.normal(size=(n, 8)), a.obs_names)
     res = run_probes(emb, a, {"t": {"type": "classification", "label": "label"}}, PARAMS, seed=0)
     assert 0.12 < res["value"].mean() < 0.38  # chance macro-F1 for 4 balanced classes ≈ 0.25
+    # the recorded chance level of each fold: ≈ 1/K for balanced classes, and the noise probe's mean is near it
+    assert np.allclose(res["chance"], 0.25, atol=0.03)
+    assert abs(res["value"].mean() - res["chance"].mean()) < 0.08
 
 
 def test_ridge_recovers_linear_targets():
@@ -401,3 +404,21 @@ def test_random_reencoding_of_one_modality_gives_a_gain_whose_interval_contains_
     assert r["gain_lo"] <= 0 <= r["gain_hi"] and r["gain_excludes_0"] is False and abs(r["gain"]) < 0.02
     fixed = _reencoding_gain([0.01])
     assert fixed["gain_excludes_0"] is True and fixed["gain_lo"] > 0.01
+
+
+def test_nonlinear_option_adds_a_paired_ceiling_that_reads_an_interaction():
+    """XOR of two features: the linear probe stays near chance, the non-linear ceiling (same folds) does not."""
+    rng = np.random.default_rng(0)
+    n = 300
+    X = rng.normal(size=(n, 2))
+    y = np.where((X[:, 0] > 0) ^ (X[:, 1] > 0), "a", "b")
+    a = toy_adata(y)
+    emb = embedding_frame(X, a.obs_names)
+    task = {"t": {"type": "classification", "label": "label"}}
+    res = run_probes(emb, a, task, {**PARAMS, "nonlinear": {"hidden": 16, "alphas": [1e-3]}}, seed=0)
+    lin, nl = res[res.metric == "macro_f1"], res[res.metric == "macro_f1_nonlinear"]
+    assert len(lin) == len(nl) == 5
+    assert (lin["split_hash"].to_numpy() == nl["split_hash"].to_numpy()).all()  # paired fold by fold
+    assert lin["value"].mean() < 0.7 and nl["value"].mean() > 0.85
+    assert np.allclose(nl["chance"], lin["chance"])
+    assert set(run_probes(emb, a, task, PARAMS, seed=0).metric) == {"macro_f1"}  # off by default

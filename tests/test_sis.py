@@ -188,3 +188,21 @@ def test_protocols_table_side_by_side():
     assert m.loc["inductive", "gain"] == pytest.approx(0.10)
     g = p[p.method == "unimodal_gex"].set_index("protocol")
     assert g.loc["inductive", "score"] == pytest.approx(0.55) and np.isnan(g.loc["inductive", "gain"])
+
+
+def test_chance_corrected_columns_hand_computation():
+    """chance 0.25 (four balanced classes): cc = (score − 0.25) / 0.75; R² rows keep chance 0."""
+    vals = {"unimodal_gex": [0.40] * 5, "unimodal_img": [0.30] * 5, "m": [0.55, 0.56, 0.54, 0.55, 0.55]}
+    df = pd.DataFrame(paired_rows(vals))
+    df["chance"] = 0.25
+    r = sis_table(df, ["m"], n_boot=300).iloc[0]
+    assert r["chance"] == pytest.approx(0.25)
+    assert r["mean_cc"] == pytest.approx((0.55 - 0.25) / 0.75)
+    assert r["best_unimodal_cc"] == pytest.approx((0.40 - 0.25) / 0.75)
+    assert r["gain_cc"] == pytest.approx(0.15 / 0.75)
+    assert r["gain_cc_lo"] == pytest.approx(r["gain_lo"] / 0.75) and r["gain_cc_hi"] == pytest.approx(r["gain_hi"] / 0.75)
+    df["metric"] = "r2"
+    r2 = sis_table(df, ["m"], n_boot=300).iloc[0]
+    assert r2["chance"] == 0.0 and r2["mean_cc"] == pytest.approx(0.55) and r2["gain_cc"] == pytest.approx(0.15)
+    no_chance = sis_table(df.drop(columns="chance").assign(metric="macro_f1"), ["m"], n_boot=300).iloc[0]
+    assert np.isnan(no_chance["chance"]) and np.isnan(no_chance["mean_cc"])

@@ -24,13 +24,16 @@ docs/reference.md#probes); a fold that has not is skipped with a log line.
 
 Output (long format, one row per task × fold; :data:`PROBE_COLUMNS`): ``protocol, task, task_type, metric, fold,
 value, n_train, n_test, n_buffer, n_classes, n_classes_test, n_classes_unseen, C, alpha, dim, rank, outer,
-scheme, unit, split_hash``; the CLI prepends ``dataset, embedding, seed``. ``n_classes`` is the size of the
+scheme, unit, split_hash, chance``; the CLI prepends ``dataset, embedding, seed``. ``n_classes`` is the size of the
 task's fixed class set, ``n_classes_test`` the classes present in the test part, ``n_classes_unseen`` those
 absent from the training part (their test spots cannot be predicted right); ``C`` / ``alpha`` the chosen
 regularisation; ``dim`` / ``rank`` the embedding's dimension and the rank the logistic probe was fit in;
 ``outer`` the interface that embedded the fold (-1: transductive); ``unit`` the bootstrap unit of the fold
 (:mod:`workflow_scripts.evaluation.bootstrap`); ``split_hash`` a checksum of the fold's training and test spot
-ids, equal for every embedding that was scored on the same split.
+ids, equal for every embedding that was scored on the same split; ``chance`` the fold's chance level: the
+expected macro-F1 of a stratified random classifier over the classes present in both parts
+(:func:`workflow_scripts.evaluation.scores.expected_macro_f1_from_labels`), 0 for R² (predicting the training
+mean).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, Stratifi
 from sklearn.preprocessing import StandardScaler
 
 from ..io import drop_invalid_rows, json_arg, read_embedding, setup_logging
+from .scores import expected_macro_f1_from_labels
 from .tasks import check_tasks
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ log = logging.getLogger(__name__)
 PROBE_COLUMNS = [
     "protocol", "task", "task_type", "metric", "fold", "value", "n_train", "n_test", "n_buffer",
     "n_classes", "n_classes_test", "n_classes_unseen", "C", "alpha", "dim", "rank", "outer", "scheme", "unit",
-    "split_hash",
+    "split_hash", "chance",
 ]
 MIN_TRAIN = 10  # ≥10 training rows per fold, as in the reference (docs/reference.md#probes)
 MIN_TEST = 5    # ≥5 test rows per fold, as in the reference (docs/reference.md#probes)
@@ -405,6 +409,19 @@ def _targets_for(adata: ad.AnnData, spec: Mapping, ids: pd.Index):
     return y[:, None] if y.ndim == 1 else y
 
 
+def _nonlinear_row(common: dict, metric: str, chance: float, Xtr, ytr, Xte, yte, ttype: str, seed: int,
+                   params: Mapping, what: str) -> dict:
+    """One fold of the non-linear ceiling probe (:mod:`.nonlinear`), as a probe-table row with metric
+    ``<metric>_nonlinear``; the chosen hyperparameter goes to ``C`` (MLP alpha or boosting leaves)."""
+    from .nonlinear import nonlinear_probe_fold
+
+    res = nonlinear_probe_fold(Xtr, ytr, Xte, yte, ttype, seed, params)
+    log.info("%s: %s_nonlinear = %.4f (hyperparameter %g)", what, metric, res["value"], res["chosen"])
+    return dict(common, metric=f"{metric}_nonlinear", value=res["value"], n_train=res["n_train"],
+                n_test=res["n_test"], n_classes=np.nan, n_classes_test=np.nan, n_classes_unseen=np.nan,
+                C=res["chosen"], alpha=np.nan, dim=Xtr.shape[1], rank=np.nan, chance=chance)
+
+
 def run_probes(
     emb: pd.DataFrame | Mapping[int, pd.DataFrame],
     adata: ad.AnnData,
@@ -425,7 +442,9 @@ def run_probes(
     adata : spots AnnData; labels in ``obs``, regression targets in ``obsm``.
     tasks : ``{task: {type, label|obsm, exclude}}`` (``config: datasets.<d>.tasks``).
     probe_params : ``config: probe`` (``n_folds``, ``cv``, ``logreg_Cs``, ``inner_folds``, ``logreg_max_iter``,
-        ``ridge_alphas``).
+        ``ridge_alphas``, ``nonlinear``: false, true or the settings of :mod:`.nonlinear`; when set, every fold
+        also gets a row with metric ``macro_f1_nonlinear`` / ``r2_nonlinear``, the embedding's non-linear ceiling
+        on the same split).
     seed : run seed; the inner split of fold f uses ``random_state = seed + f``.
     min_class_size : used only when ``folds`` is None.
     folds, meta : the fold table and its side dict (:func:`workflow_scripts.evaluation.folds.read_folds`). When
@@ -468,6 +487,8 @@ def run_probes(
     inner = int(probe_params.get("inner_folds", DEFAULT_INNER_FOLDS))
     max_iter = int(probe_params.get("logreg_max_iter", 2000))
     alphas = probe_params.get("ridge_alphas") or DEFAULT_ALPHAS
+    nl = probe_params.get("nonlinear", False)
+    nonlinear = None if nl is False or nl is None else ({} if nl is True else dict(nl))
     rows = []
     for task, spec in tasks.items():
         tm = (meta.get("tasks") or {}).get(task)
@@ -503,26 +524,33 @@ def run_probes(
             common = dict(protocol=protocol, task=task, task_type=ttype, fold=fold, n_buffer=len(buf), outer=outer,
                           scheme=tm["scheme"], unit=fm["unit"], split_hash=split_hash(tr, te))
             if ttype == "classification":
-                res = fit_logreg_cv_fold(Xtr, y_all.loc[tr].to_numpy(), Xte, y_all.loc[te].to_numpy(), classes, Cs,
-                                         inner, max_iter, seed + fold, w)
+                ytr, yte = y_all.loc[tr].to_numpy(), y_all.loc[te].to_numpy()
+                res = fit_logreg_cv_fold(Xtr, ytr, Xte, yte, classes, Cs, inner, max_iter, seed + fold, w)
                 if res is None:
                     continue
-                rows.append(dict(common, metric="macro_f1", alpha=np.nan, **res))
+                rows.append(dict(common, metric="macro_f1", alpha=np.nan,
+                                 chance=expected_macro_f1_from_labels(ytr, yte), **res))
+                if nonlinear is not None:
+                    rows.append(_nonlinear_row(common, "macro_f1", rows[-1]["chance"], Xtr, ytr, Xte, yte, ttype,
+                                               seed + fold, nonlinear, w))
             else:
                 res = fit_regressor_fold(Xtr, y_all.loc[tr].to_numpy(), Xte, y_all.loc[te].to_numpy(), alphas, w)
                 if res is None:
                     continue
                 rows.append(dict(common, metric="r2", C=np.nan, n_classes=np.nan, n_classes_test=np.nan,
-                                 n_classes_unseen=np.nan, dim=Xtr.shape[1], rank=np.nan, **res))
+                                 n_classes_unseen=np.nan, dim=Xtr.shape[1], rank=np.nan, chance=0.0, **res))
+                if nonlinear is not None:
+                    rows.append(_nonlinear_row(common, "r2", 0.0, Xtr, y_all.loc[tr].to_numpy(), Xte,
+                                               y_all.loc[te].to_numpy(), ttype, seed + fold, nonlinear, w))
             n_done += 1
-            r = rows[-1]
+            r = next(q for q in reversed(rows) if not q["metric"].endswith("_nonlinear"))
             log.info("%s: %s = %.4f (n_train %d, n_test %d, n_buffer %d, %s)", w, r["metric"], r["value"],
                      r["n_train"], r["n_test"], r["n_buffer"],
                      f"C {r['C']:.3g}, rank {r['rank']}" if ttype == "classification" else f"alpha {r['alpha']:.3g}")
         if n_done == 0:
             log.warning("task %s: no fold could be evaluated", task)
         else:
-            vals = [r["value"] for r in rows if r["task"] == task]
+            vals = [r["value"] for r in rows if r["task"] == task and not r["metric"].endswith("_nonlinear")]
             log.info("task %s: %d folds, mean %.4f sd %.4f", task, n_done, np.nanmean(vals), np.nanstd(vals))
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 

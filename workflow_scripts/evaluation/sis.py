@@ -51,6 +51,7 @@ SIS_COLUMNS = [
     "best_control", "best_control_mean",
     "gain_ctrl", "gain_ctrl_lo", "gain_ctrl_hi", "gain_ctrl_excludes_0",
     "sis_ctrl", "sis_ctrl_lo", "sis_ctrl_hi", "sis_ctrl_excludes_0",
+    "chance", "mean_cc", "best_unimodal_cc", "gain_cc", "gain_cc_lo", "gain_cc_hi",
     "note",
 ]
 PROTOCOL_COLUMNS = [
@@ -126,6 +127,33 @@ def _paired(by: Mapping[str, pd.DataFrame], names: Sequence[str]) -> tuple[np.nd
     vals = np.column_stack([f.loc[common, "value"].to_numpy(float) for f in frames])
     ok = np.isfinite(vals).all(axis=1)
     return vals[ok], frames[0].loc[common, "unit"].to_numpy(str)[ok]
+
+
+def _chance_corrected(r: dict, rows: pd.DataFrame, metric: str) -> None:
+    """Add the chance level and the chance-corrected scores to one SIS row (in place).
+
+    ``chance``: the mean over the method's folds of the probe table's ``chance`` column (the expected macro-F1 of a
+    stratified random classifier on each fold; 0 for R², and when the column is absent, for macro-F1 NaN).
+    ``mean_cc`` = (mean − chance) / (1 − chance), likewise ``best_unimodal_cc`` (Cohen's kappa normalisation;
+    :func:`workflow_scripts.evaluation.scores.chance_corrected`), and ``gain_cc`` = their difference = gain /
+    (1 − chance), whose interval is the gain's interval divided by (1 − chance). The folds are shared, so the
+    chance level is that of every compared embedding.
+    """
+    from .scores import chance_corrected
+
+    if metric.startswith("r2"):
+        chance = 0.0
+    elif "chance" in rows.columns and rows["chance"].notna().any():
+        chance = float(rows["chance"].astype(float).mean())
+    else:
+        chance = np.nan
+    r["chance"] = chance
+    r["mean_cc"] = chance_corrected(r.get("mean", np.nan), chance)
+    r["best_unimodal_cc"] = chance_corrected(r.get("best_unimodal_mean", np.nan), chance)
+    r["gain_cc"] = r["mean_cc"] - r["best_unimodal_cc"]
+    scale = 1.0 / (1.0 - chance) if np.isfinite(chance) and chance < 1 else np.nan
+    r["gain_cc_lo"] = r.get("gain_lo", np.nan) * scale
+    r["gain_cc_hi"] = r.get("gain_hi", np.nan) * scale
 
 
 def sis_table(
@@ -216,6 +244,7 @@ def sis_table(
                             gain(cboot, 0, refs), level)
                         r["sis_ctrl_lo"], r["sis_ctrl_hi"], r["sis_ctrl_excludes_0"] = _interval(
                             sis_ratio(cboot, 0, refs), level)
+            _chance_corrected(r, by.get(m, empty), metric)
             if notes_m:
                 r["note"] = "; ".join(notes_m)
                 log.warning("%s %s %s %s %s: SIS not computed (%s)", dataset, protocol, m, task, metric, r["note"])

@@ -10,6 +10,8 @@ rule align:
         views="results/{dataset}/aligned/{method}/seed{seed}.views.npz",
     log:
         "logs/{dataset}/align_{method}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/align/{method}_seed{seed}.tsv"
     group:
         "align"
     conda:
@@ -40,6 +42,8 @@ rule random_baseline:
         history="results/{dataset}/aligned/random/seed{seed}.history.tsv",
     log:
         "logs/{dataset}/align_random_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/random_baseline/seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     shell:
@@ -57,6 +61,8 @@ rule import_fused:
         "results/{dataset}/imported/{fused}/seed{seed}.parquet",
     log:
         "logs/{dataset}/import_{fused}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/import_fused/{fused}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:

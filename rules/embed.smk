@@ -8,6 +8,8 @@ rule embed:
         "results/{dataset}/embeddings/{modality}/{encoder}.parquet",
     log:
         "logs/{dataset}/embed_{modality}_{encoder}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/embed/{modality}_{encoder}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     threads: 2

@@ -19,6 +19,8 @@ rule pid:
         ),
     log:
         "logs/{dataset}/pid.log",
+    benchmark:
+        "results/benchmarks/{dataset}/pid.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:
@@ -42,6 +44,8 @@ rule pid_truth:
         "results/{dataset}/pid_truth.tsv",
     log:
         "logs/{dataset}/pid_truth.log",
+    benchmark:
+        "results/benchmarks/{dataset}/pid_truth.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:
@@ -88,6 +92,8 @@ rule validation:
         ),
     log:
         "logs/{dataset}/validation.log",
+    benchmark:
+        "results/benchmarks/{dataset}/validation.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:

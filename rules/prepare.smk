@@ -8,6 +8,8 @@ rule prepare:
         sdata=directory("results/{dataset}/sdata.zarr"),
     log:
         "logs/{dataset}/prepare.log",
+    benchmark:
+        "results/benchmarks/{dataset}/prepare.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:
@@ -36,6 +38,8 @@ rule qc_patches:
         ),
     log:
         "logs/{dataset}/qc_patches.log",
+    benchmark:
+        "results/benchmarks/{dataset}/qc_patches.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:

@@ -11,6 +11,8 @@ rule probe:
         "results/{dataset}/probes/{protocol}/{embedding}/seed{seed}.tsv",
     log:
         "logs/{dataset}/probe_{protocol}_{embedding}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/probe/{protocol}_{embedding}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:
@@ -36,6 +38,8 @@ rule spatial_probe:
         "results/{dataset}/spatial/{embedding}/seed{seed}.tsv",
     log:
         "logs/{dataset}/spatial_{embedding}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/spatial_probe/{embedding}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:

@@ -11,6 +11,8 @@ rule folds:
         meta="results/{dataset}/folds/{protocol}/seed{seed}.json",
     log:
         "logs/{dataset}/folds_{protocol}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/folds/{protocol}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:
@@ -37,6 +39,8 @@ rule interface_folds:
         meta="results/{dataset}/folds/inductive/seed{seed}.interface.json",
     log:
         "logs/{dataset}/interface_folds_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/interface_folds/seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:
@@ -66,6 +70,8 @@ rule align_inductive:
     log:
         align="logs/{dataset}/align_inductive_{method}_seed{seed}_outer{outer}.log",
         fit="logs/{dataset}/fit_spots_{method}_seed{seed}_outer{outer}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/align_inductive/{method}_seed{seed}_outer{outer}.tsv"
     group:
         "align"
     conda:

@@ -14,6 +14,8 @@ rule scaling_offline:
         "results/{dataset}/scaling/offline/frac{fraction}/seed{seed}.tsv",
     log:
         "logs/{dataset}/scaling_offline_frac{fraction}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/scaling_offline/frac{fraction}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]
@@ -56,6 +58,8 @@ rule posttrain_nicheformer:
         history="results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.history.tsv",
     log:
         "logs/{dataset}/posttrain_{ptcfg}_frac{fraction}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/posttrain_nicheformer/{ptcfg}_frac{fraction}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     threads: 4
@@ -83,6 +87,8 @@ rule embed_posttrained:
         "results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.gex.parquet",
     log:
         "logs/{dataset}/embed_posttrained_{ptcfg}_frac{fraction}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/embed_posttrained/{ptcfg}_frac{fraction}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     threads: 2
@@ -116,6 +122,8 @@ rule scaling_posttrained_eval:
         "results/{dataset}/scaling/posttrain/{ptcfg}/frac{fraction}/seed{seed}.tsv",
     log:
         "logs/{dataset}/scaling_posttrain_{ptcfg}_frac{fraction}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/scaling_posttrained_eval/{ptcfg}_frac{fraction}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]
@@ -148,6 +156,8 @@ rule scaling_pretrained_eval:
         "results/{dataset}/scaling/posttrain/pretrained/seed{seed}.tsv",
     log:
         "logs/{dataset}/scaling_pretrained_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/scaling_pretrained_eval/seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     threads: config["training"]["threads"]

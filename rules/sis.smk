@@ -19,6 +19,8 @@ rule sis:
         ),
     log:
         "logs/{dataset}/sis.log",
+    benchmark:
+        "results/benchmarks/{dataset}/sis.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     params:

@@ -11,6 +11,8 @@ rule spatial_consistency:
         "results/{dataset}/spatial_consistency/{embedding}/seed{seed}.tsv",
     log:
         "logs/{dataset}/spatial_consistency_{embedding}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/spatial_consistency/{embedding}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:

@@ -14,6 +14,8 @@ rule spectral_unimodal:
         "results/{dataset}/spectral/unimodal.tsv",
     log:
         "logs/{dataset}/spectral_unimodal.log",
+    benchmark:
+        "results/benchmarks/{dataset}/spectral_unimodal.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:
@@ -38,6 +40,8 @@ rule spectral_views:
         "results/{dataset}/spectral/{method}/seed{seed}.tsv",
     log:
         "logs/{dataset}/spectral_{method}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/{dataset}/spectral_views/{method}_seed{seed}.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:

@@ -12,6 +12,8 @@ rule umap_coords:
         "results/{dataset}/umap/coords.tsv",
     log:
         "logs/{dataset}/umap.log",
+    benchmark:
+        "results/benchmarks/{dataset}/umap_coords.tsv"
     conda:
         "../envs/cellsynergy.yaml"
     resources:

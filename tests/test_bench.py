@@ -134,3 +134,27 @@ def test_gpu_check_script_runs_on_cpu_tiny(tmp_path):
     assert {"patches/s bf16", "cells/s fp32", "uni2h cosine bf16 vs fp32 (mean)", "comm epochs/s",
             "optimiser steps/s"} <= items
     assert sum(i.endswith("epochs/s") for i in items) == 8  # every trained method
+
+
+def test_every_rule_that_does_real_work_declares_a_benchmark_file():
+    """Rules that run a stage (not the local collect/figure/download rules) write results/benchmarks/... files,
+    in the layout the collector parses (results/benchmarks/<dataset>/<rule>[/<wildcards>].tsv)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    light = re.compile(r"^(collect_|figure_|download|fetch_|manual_|all$|figures$|analysis$)")
+    missing, wrong = [], []
+    for smk in sorted((repo / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
+            name, body = m.group(1), m.group(2)
+            if light.match(name) or "shell:" not in body:
+                continue
+            b = re.search(r'    benchmark:\n        "([^"]+)"', body)
+            if not b:
+                missing.append(f"{smk.name}:{name}")
+            elif not b.group(1).startswith(f"results/benchmarks/{{dataset}}/{name}"):
+                wrong.append(f"{smk.name}:{name}: {b.group(1)}")
+    assert not missing, f"rules without benchmark: {missing}"
+    assert not wrong, wrong

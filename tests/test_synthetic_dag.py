@@ -24,9 +24,9 @@ def test_synthetic_config_builds_the_whole_dag(tmp_path):
     n_seeds = len(cfg["seeds"])
     assert c["prepare"] == 1 and c["embed"] == 2
     assert c["align"] == 11 * n_seeds  # the ten methods + tensor_fusion
-    # one probe job per protocol (transductive, inductive) × embedding × seed
-    assert c["probe"] == (10 + 1 + 3) * n_seeds * 2
-    assert c["align_inductive"] == (9 + 1) * n_seeds * 2  # trained methods + tensor_fusion × 2 donors
+    # one probe job per embedding × seed under the one protocol config/synthetic.yaml selects
+    assert c["probe"] == (10 + 1 + 3) * n_seeds
+    assert "align_inductive" not in c
     for rule in ("pid", "pid_truth", "figure_pid", "validation", "sis", "collect_probes", "figure_spectral"):
         assert c[rule] == 1, rule
 

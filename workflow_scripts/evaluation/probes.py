@@ -331,7 +331,6 @@ def fit_logreg_cv_fold(
     X_train, X_test : (n_train, d), (n_test, d) features. y_train, y_test : (n_train,), (n_test,) labels.
     classes : the task's fixed class set (macro-F1 is taken over it, :func:`macro_f1`).
     Cs : grid of inverse regularisation strengths (``config: probe.logreg_Cs``).
-    inner_folds : folds of the inner ``StratifiedKFold(shuffle=True, random_state)`` on the training part.
     inner_folds : folds of the inner ``StratifiedKFold(shuffle=True, random_state)`` on the training part (at most
         the size of the largest class); 1 = a single stratified 75/25 split (``StratifiedShuffleSplit``).
     max_iter : solver iterations; random_state : seed of the inner split.

@@ -69,7 +69,8 @@ def test_validation_table_by_hand():
     ])
     rows = []
     for task, vals in {"xor": {"unimodal_gex": 0.5, "unimodal_img": 0.52, "concat": 0.48, "tensor_fusion": 0.95},
-                       "rdn": {"unimodal_gex": 0.8, "unimodal_img": 0.7, "concat": 0.9}}.items():
+                       "rdn": {"unimodal_gex": 0.8, "unimodal_img": 0.7, "concat": 0.9,
+                               "control_img@concat": 0.7}}.items():
         for e, v in vals.items():
             for fold in range(2):
                 rows.append(dict(dataset="d", embedding=e, seed=0, task=task, metric="macro_f1", fold=fold,
@@ -79,6 +80,7 @@ def test_validation_table_by_hand():
     assert pid_rows.loc[("xor", "synergy"), "holds"] and pid_rows.loc[("xor", "synergy"), "estimate"] == 0.9
     assert not pid_rows.loc[("rdn", "redundancy"), "holds"]  # 0.3 bits off
     gain = out[out.check == "gain"].set_index("embedding")
+    assert list(gain.index) == ["concat"]  # controls are probe references, not fused embeddings: no gain row
     assert gain.loc["concat", "estimate"] == pytest.approx(0.1) and not gain.loc["concat", "holds"]
     assert gain.loc["concat", "sis"] == pytest.approx(0.1 / 0.8)
     ch = out[out.check == "chance"].set_index("embedding")

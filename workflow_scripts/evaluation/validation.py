@@ -5,7 +5,7 @@ an interval where one is given, the expectation in words and whether it holds. T
 
 * ``pid``: planted vs estimated BROJA term (redundancy, unique_gex, unique_img, synergy; bits) of the unimodal pair;
   holds when |estimate − planted| ≤ ``tol_bits``.
-* ``gain``: absolute gain of concat (and every other fused embedding) over the best unimodal score, on a task whose
+* ``gain``: absolute gain of concat (and every other fused embedding; not the controls) over the best unimodal score, on a task whose
   planted synergy is ~0 (< ``zero_bits``); expected within noise: the interval contains 0 when an interval is given,
   else |gain| ≤ ``tol_gain``.
 * ``chance``: the chance-corrected score (:mod:`workflow_scripts.evaluation.scores`; R² as is) of the unimodal
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .pid import PAIR, PID_TERMS
+from .controls import parse_control_name
 from .scores import absolute_gain, chance_corrected
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,9 @@ def validation_table(
         gex, img = float(means["unimodal_gex"]), float(means["unimodal_img"])
         best = max(gex, img)
         c = float(chance.get(task, 0.0))
-        fused = [e for e in m.columns if e not in (*UNIMODAL, "random")]
+        # the fused embeddings; the dimension-matched controls (control_<kind>@<method>) are probe references, and a
+        # control of one modality cannot hold the other's unique information, so they get no gain row
+        fused = [e for e in m.columns if e not in (*UNIMODAL, "random") and parse_control_name(e) is None]
         synergistic = float(t["i_joint"]) > 0 and float(t["synergy"]) >= float(p["synergy_share"]) * float(t["i_joint"])
         base = dict(dataset=dataset, task=task, planted=np.nan, lower=np.nan, upper=np.nan)
         if float(t["synergy"]) < float(p["zero_bits"]):

@@ -49,7 +49,7 @@ rule spectral_views:
         runtime=120,
     params:
         spectral=spectral_params(),
-        rows="held_out" if "inductive" in PROTOCOLS else "all",
+        rows=lambda wc: "held_out" if "inductive" in PROTOCOLS and wc.method in INDUCTIVE_METHODS else "all",
     shell:
         "python -m workflow_scripts.analysis.spectral views --views {input.views} --rows {params.rows}"
         " --spots {input.spots} --method {wildcards.method} --dataset {wildcards.dataset} --seed {wildcards.seed}"

@@ -219,16 +219,18 @@ def n_outer(dataset):
     return _N_OUTER[dataset]
 
 
+def inductive_files(dataset, method, seed, suffix):
+    """One output of rule align_inductive per outer fold (``suffix``: parquet, views.npz, ...)."""
+    return [
+        f"results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{k}.{suffix}"
+        for k in range(n_outer(dataset))
+    ]
+
+
 def probe_embeddings(wildcards):
     """Embedding table(s) a probe job reads: one per outer fold for an inductively trained method."""
     if wildcards.protocol == "inductive" and wildcards.embedding in INDUCTIVE_METHODS:
-        return expand(
-            "results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.parquet",
-            dataset=wildcards.dataset,
-            method=wildcards.embedding,
-            seed=wildcards.seed,
-            outer=range(n_outer(wildcards.dataset)),
-        )
+        return inductive_files(wildcards.dataset, wildcards.embedding, wildcards.seed, "parquet")
     return [embedding_path(wildcards.dataset, wildcards.embedding, wildcards.seed)]
 
 
@@ -236,13 +238,7 @@ def spectral_views_inputs(wildcards):
     """Views a method's spectrum is measured on: every outer fold's (held-out rows) under the inductive protocol,
     else the transductive interface's (all rows)."""
     if "inductive" in PROTOCOLS and wildcards.method in INDUCTIVE_METHODS:
-        return expand(
-            "results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.views.npz",
-            dataset=wildcards.dataset,
-            method=wildcards.method,
-            seed=wildcards.seed,
-            outer=range(n_outer(wildcards.dataset)),
-        )
+        return inductive_files(wildcards.dataset, wildcards.method, wildcards.seed, "views.npz")
     return [f"results/{wildcards.dataset}/aligned/{wildcards.method}/seed{wildcards.seed}.views.npz"]
 
 

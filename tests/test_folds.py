@@ -208,6 +208,8 @@ def test_interface_only_table_equals_the_interface_rows_of_the_full_table(tmp_pa
     iface, meta = F.read_folds(tmp_path / "iface.tsv")
     assert set(iface.task) == {F.INTERFACE_TASK} and meta["tasks"] == {}
     pd.testing.assert_frame_equal(full[full.task == F.INTERFACE_TASK].reset_index(drop=True), iface)
+    with pytest.raises(ValueError, match="--tasks is required"):
+        F.main(["make", *common, "--out", str(tmp_path / "y.tsv")])
     with pytest.raises(ValueError, match="--interface-only needs --protocol inductive"):
         F.main(["make", *[c if c != "inductive" else "transductive" for c in common], "--interface-only",
                 "--out", str(tmp_path / "x.tsv")])

@@ -189,6 +189,35 @@ def read_embedding_file(path: str | Path, key: str | None = None, what: str = "e
     return out
 
 
+def match_to_spots(emb: pd.DataFrame, spot_ids: Sequence[str], what: str,
+                   logger: logging.Logger | None = None) -> pd.DataFrame:
+    """Rows of an embedding table for a dataset's spots, in the dataset's order.
+
+    ``emb``: (n_rows, d) indexed by spot id (from a user's file); ``spot_ids``: the dataset's spot ids. Rows for
+    spots not in the dataset are dropped and spots without a row are left out; both are counted in the log, as are
+    rows with NaN/inf values (kept: the probes drop them and count them again). The result's ``attrs`` gain
+    ``n_rows_unused`` and ``n_spots_missing``. Raises ValueError naming ``what`` when no spot id is shared.
+    """
+    lg = logger or log
+    ids = pd.Index([str(s) for s in spot_ids])
+    common = ids.intersection(emb.index, sort=False)
+    if len(common) == 0:
+        raise ValueError(f"{what}: no spot id in common with the dataset (e.g. {list(emb.index[:3])} vs "
+                         f"{list(ids[:3])}); the file's spot_id must be the dataset's spot ids")
+    n_extra, n_missing = len(emb) - len(common), len(ids) - len(common)
+    if n_extra:
+        lg.warning("%s: %d rows for spots not in the dataset are dropped", what, n_extra)
+    if n_missing:
+        lg.warning("%s: %d of %d dataset spots have no row", what, n_missing, len(ids))
+    out = emb.loc[common]
+    bad = ~np.isfinite(out.to_numpy(dtype=float)).all(axis=1)
+    if bad.any():
+        lg.warning("%s: %d rows have NaN/inf values (dropped by the probes)", what, int(bad.sum()))
+    out.attrs.update(n_rows_unused=int(n_extra), n_spots_missing=int(n_missing))
+    lg.info("%s: %d spots x %d dims", what, out.shape[0], out.shape[1])
+    return out
+
+
 def read_embedding_meta(path: str | Path) -> dict:
     """Return the ``cellsynergy`` metadata dict stored with an embedding table ({} if none)."""
     md = pq.read_schema(path).metadata or {}

@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ..io import embedding_frame, read_embedding_file
+from ..io import embedding_frame, match_to_spots, read_embedding_file
 from . import EncodeContext, register
 
 log = logging.getLogger(__name__)
@@ -89,18 +89,6 @@ def encode_precomputed(adata, params: dict, ctx: EncodeContext) -> pd.DataFrame:
         df = read_embedding_file(p["path"], key=p.get("key"), what=f"precomputed {modality} embedding")
         source = str(p["path"])
     names = df.attrs.get("feature_names", [])
-    common = ids.intersection(df.index, sort=False)
-    if len(common) == 0:
-        raise ValueError(f"precomputed encoder ({modality}): {source} shares no spot id with the dataset "
-                         f"(e.g. {list(df.index[:3])} vs {list(ids[:3])})")
-    n_unused, n_missing = len(df) - len(common), len(ids) - len(common)
-    if n_unused:
-        log.warning("precomputed %s: %d rows of %s are for spots not in the dataset and are dropped", modality,
-                    n_unused, source)
-    if n_missing:
-        log.warning("precomputed %s: %d of %d spots have no row in %s", modality, n_missing, len(ids), source)
-    out = df.loc[common]
-    out.attrs.update(feature_names=list(names), source=source, n_spots_missing=int(n_missing),
-                     n_rows_unused=int(n_unused))
-    log.info("precomputed %s: %d spots x %d dims from %s", modality, out.shape[0], out.shape[1], source)
+    out = match_to_spots(df, ids, f"precomputed {modality} embedding ({source})", log)
+    out.attrs.update(feature_names=list(names), source=source)
     return out

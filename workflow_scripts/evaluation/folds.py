@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     m.add_argument("--spots", required=True)
     m.add_argument("--protocol", required=True, choices=PROTOCOLS)
     m.add_argument("--seed", type=int, required=True)
-    m.add_argument("--tasks", default="{}", help="JSON dict {task: {type, label|obsm, exclude}}")
+    m.add_argument("--tasks", default=None, help="JSON dict {task: {type, label|obsm, exclude}}")
     m.add_argument("--params", required=True, help="JSON of config probe: {n_folds, cv, ...}")
     m.add_argument("--inductive", default="{}", help="JSON of config inductive: {buffer_um, block_um}")
     m.add_argument("--min-class-size", type=int, default=10)
@@ -526,9 +526,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .probes import check_task_spec, task_targets
     from .tasks import check_tasks
 
-    tasks = {} if args.interface_only else json_arg(args.tasks, "--tasks")
     if args.interface_only and args.protocol != "inductive":
         raise ValueError("--interface-only needs --protocol inductive (only it trains one interface per outer fold)")
+    if args.tasks is None and not args.interface_only:
+        raise ValueError("folds make: --tasks is required (JSON of datasets.<d>.tasks) unless --interface-only")
+    tasks = {} if args.interface_only else json_arg(args.tasks, "--tasks")
     params = json_arg(args.params, "--params")
     ind = json_arg(args.inductive, "--inductive") or {}
     spots = Path(args.spots)

@@ -22,33 +22,10 @@ import logging
 from typing import Sequence
 
 import anndata as ad
-import numpy as np
-import pandas as pd
 
-from ..io import read_embedding_file, setup_logging, write_embedding
+from ..io import match_to_spots, read_embedding_file, setup_logging, write_embedding
 
 log = logging.getLogger(__name__)
-
-
-def match_to_spots(emb: pd.DataFrame, spot_ids: Sequence[str], what: str) -> pd.DataFrame:
-    """Rows of ``emb`` (spots × dims) for the spots in ``spot_ids``, in that order; missing and extra spots and
-    non-finite rows are counted in the log. Raises ValueError naming ``what`` when no spot id is shared."""
-    ids = pd.Index([str(s) for s in spot_ids])
-    common = ids.intersection(emb.index, sort=False)
-    if len(common) == 0:
-        raise ValueError(f"{what}: no spot id in common with the dataset (e.g. {list(emb.index[:3])} vs "
-                         f"{list(ids[:3])}); the file's spot_id must be the dataset's spot ids")
-    n_extra, n_missing = len(emb) - len(common), len(ids) - len(common)
-    if n_extra:
-        log.warning("%s: %d rows for spots not in the dataset are dropped", what, n_extra)
-    if n_missing:
-        log.warning("%s: %d of %d dataset spots have no row", what, n_missing, len(ids))
-    out = emb.loc[common]
-    bad = ~np.isfinite(out.to_numpy(dtype=float)).all(axis=1)
-    if bad.any():
-        log.warning("%s: %d rows have NaN/inf values (dropped by the probes)", what, int(bad.sum()))
-    log.info("%s: %d spots x %d dims", what, out.shape[0], out.shape[1])
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = f"fused embedding {a.name} ({a.input})"
     emb = read_embedding_file(a.input, key=a.key, what=what)
     spots = ad.read_h5ad(a.spots, backed="r")
-    out = match_to_spots(emb, spots.obs_names, what)
+    out = match_to_spots(emb, spots.obs_names, what, log)
     write_embedding(out, a.out, {"method": a.name, "source": str(a.input), "key": a.key,
                                  "feature_names": emb.attrs.get("feature_names", [])})
     return 0

@@ -126,3 +126,7 @@ def test_import_fused_keeps_the_dataset_spots(tmp_path, tiny_spots):
     with pytest.raises(ValueError, match="no spot id in common"):
         import_main(["--input", str(tmp_path / "bad.tsv"), "--spots", str(tmp_path / "spots.h5ad"), "--name", "m",
                      "--out", str(out)])
+    pd.DataFrame({"spot_id": ids, "u": np.nan}).to_csv(tmp_path / "nan.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match="every one of its .* rows .* NaN/inf"):
+        import_main(["--input", str(tmp_path / "nan.tsv"), "--spots", str(tmp_path / "spots.h5ad"), "--name", "m",
+                     "--out", str(out)])

@@ -196,7 +196,8 @@ def match_to_spots(emb: pd.DataFrame, spot_ids: Sequence[str], what: str,
     ``emb``: (n_rows, d) indexed by spot id (from a user's file); ``spot_ids``: the dataset's spot ids. Rows for
     spots not in the dataset are dropped and spots without a row are left out; both are counted in the log, as are
     rows with NaN/inf values (kept: the probes drop them and count them again). The result's ``attrs`` gain
-    ``n_rows_unused`` and ``n_spots_missing``. Raises ValueError naming ``what`` when no spot id is shared.
+    ``n_rows_unused`` and ``n_spots_missing``. Raises ValueError naming ``what`` when no spot id is shared or when
+    every shared row has a NaN/inf value.
     """
     lg = logger or log
     ids = pd.Index([str(s) for s in spot_ids])
@@ -211,6 +212,8 @@ def match_to_spots(emb: pd.DataFrame, spot_ids: Sequence[str], what: str,
         lg.warning("%s: %d of %d dataset spots have no row", what, n_missing, len(ids))
     out = emb.loc[common]
     bad = ~np.isfinite(out.to_numpy(dtype=float)).all(axis=1)
+    if bad.all():
+        raise ValueError(f"{what}: every one of its {len(out)} rows for the dataset's spots has NaN/inf values")
     if bad.any():
         lg.warning("%s: %d rows have NaN/inf values (dropped by the probes)", what, int(bad.sum()))
     out.attrs.update(n_rows_unused=int(n_extra), n_spots_missing=int(n_missing))

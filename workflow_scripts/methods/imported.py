@@ -12,7 +12,8 @@ Usage::
         --name my_fusion --out results/D/imported/my_fusion/seed0.parquet --log LOG
 
 Rows for spots not in the dataset are dropped and spots without a row are counted (both logged); rows with NaN/inf
-are kept and counted (the probes drop them, logged again). Fails naming the file when no spot id is shared.
+are kept and counted (the probes drop them, logged again). Fails naming the file when no spot id is shared
+or when every row is NaN/inf.
 """
 
 from __future__ import annotations

@@ -220,11 +220,15 @@ def n_outer(dataset):
 
 
 def inductive_files(dataset, method, seed, suffix):
-    """One output of rule align_inductive per outer fold (``suffix``: parquet, views.npz, ...)."""
-    return [
-        f"results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{k}.{suffix}"
-        for k in range(n_outer(dataset))
-    ]
+    """One align_inductive output per outer fold, e.g. suffix parquet or views.npz."""
+    return expand(
+        "results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.{suffix}",
+        dataset=dataset,
+        method=method,
+        seed=seed,
+        outer=range(n_outer(dataset)),
+        suffix=suffix,
+    )
 
 
 def probe_embeddings(wildcards):

@@ -284,7 +284,7 @@ def test_reduce_rank_leaves_the_logistic_probe_unchanged():
     np.testing.assert_allclose(full.decision_function(Xte), red.decision_function(Rte), atol=1e-5)
 
 
-def test_tuned_probe_records_C_and_scores_unseen_classes_as_errors():
+def test_tuned_probe_records_C_and_scores_unseen_classes_as_errors(monkeypatch):
     rng = np.random.default_rng(1)
     n = 120
     y = np.repeat(["a", "b", "c"], n // 3)
@@ -294,7 +294,13 @@ def test_tuned_probe_records_C_and_scores_unseen_classes_as_errors():
                              ["a", "b", "c"], Cs=[0.01, 1.0], inner_folds=3, random_state=0)
     assert res["C"] in (0.01, 1.0) and res["n_classes"] == 3 and res["n_classes_unseen"] == 1
     assert res["n_classes_test"] == 3 and res["rank"] == 5 and res["dim"] == 5
-    # one C in the grid: the probe is a plain standardised logistic regression at that C
+    # one C in the grid: the probe is a plain standardised logistic regression at that C, with no inner CV
+    import workflow_scripts.evaluation.probes as probes_mod
+
+    def no_inner_cv(*a, **k):
+        raise AssertionError("a single C needs no inner cross-validation")
+
+    monkeypatch.setattr(probes_mod, "LogisticRegressionCV", no_inner_cv)
     one = fit_logreg_cv_fold(X[:90], y[:90], X[90:], y[90:], ["a", "b", "c"], Cs=[0.5], inner_folds=2)
     sc = StandardScaler().fit(X[:90])
     ref = LogisticRegression(C=0.5, max_iter=2000).fit(sc.transform(X[:90]), y[:90]).predict(sc.transform(X[90:]))

@@ -19,8 +19,10 @@ methods and of the encoders are therefore listed here; tests/test_config.py chec
 
 from __future__ import annotations
 
+import copy
 import csv
 import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -118,11 +120,17 @@ class ConfigError(ValueError):
 
 
 def load_schema(path: str | Path) -> dict:
-    """Read a YAML JSON-schema file; FileNotFoundError names the path."""
+    """Read a YAML JSON-schema file (a fresh copy each call; the file is parsed once per process, as the DAG
+    planning reads each schema several times); FileNotFoundError names the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"schema file not found: {path}")
-    return yaml.safe_load(path.read_text())
+    return copy.deepcopy(_parse_schema(str(path.resolve()), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_schema(path: str, mtime_ns: int) -> dict:
+    return yaml.safe_load(Path(path).read_text())
 
 
 def reader_schemas(repo: str | Path) -> dict[str, dict]:

@@ -10,6 +10,7 @@ the key ``cellsynergy``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -24,6 +25,26 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 META_KEY = b"cellsynergy"
+
+
+def lazy_module(name: str):
+    """Module ``name``, executed on its first attribute access instead of now (``importlib.util.LazyLoader``).
+
+    The dataset readers import anndata this way: Snakemake imports their ``input_files`` while it plans the DAG,
+    and anndata (with zarr and dask) takes about 1.2 s of CPU to import, paid by every ``snakemake`` call, dry runs
+    included. A module that is already imported is returned as it is. Raises ModuleNotFoundError when ``name`` is
+    not installed (at this call, not at first use).
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no module named {name!r} (install it into the workflow's environment)", name=name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class DataFileError(ValueError):

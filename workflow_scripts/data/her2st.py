@@ -20,14 +20,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..io import read_table
+from ..io import lazy_module, read_table
 from .model import validate_spots
 
+ad = lazy_module("anndata")  # imported on first use: readers are imported while the DAG is planned
 log = logging.getLogger(__name__)
 
 #: How to restore a missing or damaged HER2ST file (appended to every error about one).

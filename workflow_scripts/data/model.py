@@ -29,9 +29,12 @@ counts of the cells inside it and ``obsm['cell_counts']`` is not used).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the readers import this module while the DAG is planned
+    import anndata as ad
 
 REQUIRED_OBS = ("slide", "donor", "x_um", "y_um", "px_x", "px_y", "split")
 

@@ -35,11 +35,13 @@ import fnmatch
 import logging
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..io import lazy_module
+
+ad = lazy_module("anndata")  # imported on first use: readers are imported while the DAG is planned
 log = logging.getLogger(__name__)
 
 REQUIRED = ("spot_id", "slide", "x_um", "y_um")

@@ -14,11 +14,13 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..io import lazy_module
+
+ad = lazy_module("anndata")  # imported on first use: readers are imported while the DAG is planned
 log = logging.getLogger(__name__)
 
 REGION_LABEL_KEYS = ("classification.name", "classification", "name", "label", "annotation", "class")

@@ -43,11 +43,13 @@ import itertools
 import logging
 from typing import Mapping
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..io import lazy_module
+
+ad = lazy_module("anndata")  # imported on first use: readers are imported while the DAG is planned
 log = logging.getLogger(__name__)
 
 MECHANISMS = ("redundant", "unique_gex", "unique_img", "synergy")

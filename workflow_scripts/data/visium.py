@@ -31,18 +31,19 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
+from ..io import lazy_module
 from .download import dataset_samples
 from .model import validate_spots
 from .patches import open_slide
 from .reader_common import (align_genes, common_genes, file_template, map_labels, per_sample, resolve_file,
                             sample_split)
 
+ad = lazy_module("anndata")  # imported on first use: readers are imported while the DAG is planned
 log = logging.getLogger(__name__)
 
 SCALEFACTOR_SPOT_UM = 65.0  # the spot that spot_diameter_fullres spans (10x); physical spots are 55 µm

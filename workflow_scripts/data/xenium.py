@@ -37,18 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
+from ..io import lazy_module
 from . import tiling
 from .download import dataset_samples
 from .model import validate_spots
 from .reader_common import (align_genes, common_genes, expand_glob, file_template, label_points, map_labels,
                             per_sample, read_region_polygons, resolve_file, sample_split)
 
+ad = lazy_module("anndata")  # imported on first use: readers are imported while the DAG is planned
 log = logging.getLogger(__name__)
 
 DEFAULT_XENIUM_PX_UM = 0.2125  # µm per Xenium morphology pixel on every Xenium instrument (experiment.xenium)

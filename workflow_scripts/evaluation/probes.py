@@ -337,8 +337,9 @@ def fit_logreg_cv_fold(
 
     Steps: ``StandardScaler`` fit on the training part; :func:`reduce_rank`; ``LogisticRegressionCV(Cs, cv=inner,
     scoring=macro-F1, refit=True)`` (L2, multinomial; the C path is warm-started within each inner fold); predict
-    the test part. The test part is never seen before the final prediction. Solver (:func:`logreg_solver`):
-    Newton–Cholesky while the multinomial Hessian is small, else lbfgs; both minimise the same objective, the
+    the test part. With a single C (e.g. ``logreg_Cs: [1.0]``, the reference's probe) there is nothing to choose:
+    one ``LogisticRegression(C)`` fit on the training part, no inner split (the cheap setting for lung-scale data).
+    The test part is never seen before the final prediction. Solver (:func:`logreg_solver`): Newton–Cholesky while the multinomial Hessian is small, else lbfgs; both minimise the same objective, the
     Newton steps converge in a few iterations where lbfgs stalls on ill-conditioned features.
 
     Returns
@@ -362,6 +363,13 @@ def fit_logreg_cv_fold(
         log.info("%s: classes absent from the training part (their test spots score as errors): %s", what, unseen)
     scaler = StandardScaler().fit(X_train)
     Xtr, Xte, r = reduce_rank(scaler.transform(X_train), scaler.transform(X_test))
+    if len(Cs) == 1:  # nothing to choose: one fit on the training part, no inner split
+        clf = LogisticRegression(C=float(Cs[0]), solver=logreg_solver(r, len(seen)), max_iter=int(max_iter))
+        clf.fit(Xtr, y_train)
+        value = macro_f1(y_test, clf.predict(Xte), classes)
+        return dict(value=value, C=float(Cs[0]), n_train=int(len(y_train)), n_test=int(len(y_test)),
+                    n_classes=len(classes), n_classes_test=len(in_test), n_classes_unseen=len(unseen),
+                    dim=int(X_train.shape[1]), rank=int(r))
     if int(inner_folds) == 1:
         inner = StratifiedShuffleSplit(1, test_size=0.25, random_state=int(random_state))
     else:

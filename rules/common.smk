@@ -219,31 +219,57 @@ def n_outer(dataset):
     return _N_OUTER[dataset]
 
 
+def inductive_dir(dataset, method, seed):
+    """The output folder of one align_inductive job: every outer fold's interface of a method and seed."""
+    return f"results/{dataset}/aligned_inductive/{method}/seed{seed}"
+
+
 def inductive_files(dataset, method, seed, suffix):
-    """One align_inductive output per outer fold, e.g. suffix parquet or views.npz."""
+    """The files of one align_inductive job, one per outer fold, e.g. suffix parquet or views.npz (shell arguments:
+    a job's input is the folder, as Snakemake tracks a directory output as a whole)."""
     return expand(
-        "results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.{suffix}",
-        dataset=dataset,
-        method=method,
-        seed=seed,
+        "{folder}/outer{outer}.{suffix}",
+        folder=inductive_dir(dataset, method, seed),
         outer=range(n_outer(dataset)),
         suffix=suffix,
     )
 
 
+def is_inductive(protocol, embedding):
+    return protocol == "inductive" and embedding in INDUCTIVE_METHODS
+
+
+def probe_inputs(wildcards):
+    """What a probe job depends on: the align_inductive folder of an inductively trained method, else the table."""
+    if is_inductive(wildcards.protocol, wildcards.embedding):
+        return [inductive_dir(wildcards.dataset, wildcards.embedding, wildcards.seed)]
+    return [embedding_path(wildcards.dataset, wildcards.embedding, wildcards.seed)]
+
+
 def probe_embeddings(wildcards):
     """Embedding table(s) a probe job reads: one per outer fold for an inductively trained method."""
-    if wildcards.protocol == "inductive" and wildcards.embedding in INDUCTIVE_METHODS:
+    if is_inductive(wildcards.protocol, wildcards.embedding):
         return inductive_files(wildcards.dataset, wildcards.embedding, wildcards.seed, "parquet")
     return [embedding_path(wildcards.dataset, wildcards.embedding, wildcards.seed)]
 
 
+def spectral_views_inductive(wildcards):
+    return "inductive" in PROTOCOLS and wildcards.method in INDUCTIVE_METHODS
+
+
 def spectral_views_inputs(wildcards):
-    """Views a method's spectrum is measured on: every outer fold's (held-out rows) under the inductive protocol,
-    else the transductive interface's (all rows)."""
-    if "inductive" in PROTOCOLS and wildcards.method in INDUCTIVE_METHODS:
-        return inductive_files(wildcards.dataset, wildcards.method, wildcards.seed, "views.npz")
+    """What a spectral_views job depends on: the align_inductive folder under the inductive protocol (views of
+    held-out rows), else the transductive interface's views (all rows)."""
+    if spectral_views_inductive(wildcards):
+        return [inductive_dir(wildcards.dataset, wildcards.method, wildcards.seed)]
     return [f"results/{wildcards.dataset}/aligned/{wildcards.method}/seed{wildcards.seed}.views.npz"]
+
+
+def spectral_views_files(wildcards):
+    """The views files a spectral_views job reads: every outer fold's under the inductive protocol."""
+    if spectral_views_inductive(wildcards):
+        return inductive_files(wildcards.dataset, wildcards.method, wildcards.seed, "views.npz")
+    return spectral_views_inputs(wildcards)
 
 
 def has_controls(embedding):

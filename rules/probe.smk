@@ -3,7 +3,7 @@ rule probe:
     task; a fused method's job also probes its dimension-matched controls (control_<kind>@<method>)."""
     input:
         unpack(control_inputs),
-        emb=probe_embeddings,
+        emb=probe_inputs,
         spots="results/{dataset}/spots.h5ad",
         folds="results/{dataset}/folds/{protocol}/seed{seed}.tsv",
         folds_meta="results/{dataset}/folds/{protocol}/seed{seed}.json",
@@ -22,8 +22,9 @@ rule probe:
         tasks=lambda wc: tasks_json(wc.dataset),
         probe=probe_params(),
         controls=control_args,
+        emb=probe_embeddings,
     shell:
-        "python -m workflow_scripts.evaluation.probes --embedding {input.emb} --spots {input.spots}"
+        "python -m workflow_scripts.evaluation.probes --embedding {params.emb} --spots {input.spots}"
         " --dataset {wildcards.dataset} --name {wildcards.embedding} --seed {wildcards.seed}"
         " --tasks {params.tasks:q} --params {params.probe:q} --folds {input.folds} {params.controls}"
         " --out {output} --log {log}"

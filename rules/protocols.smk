@@ -55,23 +55,19 @@ rule interface_folds:
 
 
 rule align_inductive:
-    """Train one fusion method on the training donors of one outer fold (inductive protocol) and embed every spot."""
+    """Train one fusion method on the training donors of every outer fold (inductive protocol), all folds of a method
+    and seed in one process, and embed every spot with each fold's interface (outer{k}.* in the output folder)."""
     input:
         gex=lambda wc: embedding_file(wc.dataset, "gex"),
         img=lambda wc: embedding_file(wc.dataset, "img"),
         folds="results/{dataset}/folds/inductive/seed{seed}.interface.tsv",
         folds_meta="results/{dataset}/folds/inductive/seed{seed}.interface.json",
     output:
-        z3="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.parquet",
-        model="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.pt",
-        history="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.history.tsv",
-        views="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.views.npz",
-        fit="results/{dataset}/aligned_inductive/{method}/seed{seed}/outer{outer}.fit_spots.tsv",
+        directory("results/{dataset}/aligned_inductive/{method}/seed{seed}"),
     log:
-        align="logs/{dataset}/align_inductive_{method}_seed{seed}_outer{outer}.log",
-        fit="logs/{dataset}/fit_spots_{method}_seed{seed}_outer{outer}.log",
+        "logs/{dataset}/align_inductive_{method}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/{dataset}/align_inductive/{method}_seed{seed}_outer{outer}.tsv"
+        "results/benchmarks/{dataset}/align_inductive/{method}_seed{seed}.tsv"
     group:
         "align"
     conda:
@@ -80,14 +76,12 @@ rule align_inductive:
     resources:
         gpu=method_gpu,
         mem_mb=8000,
-        runtime=120,
+        runtime=lambda wc: 120 * n_outer(wc.dataset),
         device=config["training"]["device"],  # not a param: the device does not change what is trained
     params:
         train=lambda wc: json.dumps(training_params(wc.method)),
+        n_outer=lambda wc: n_outer(wc.dataset),
     shell:
-        "python -m workflow_scripts.evaluation.folds fit-spots --folds {input.folds} --outer {wildcards.outer}"
-        " --out {output.fit} --log {log.fit}"
-        " && python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
-        " --seed {wildcards.seed} --params {params.train:q} --fit-spots {output.fit} --out {output.z3}"
-        " --model {output.model} --history {output.history} --views {output.views} --device {resources.device}"
-        " --threads {threads} --log {log.align}"
+        "python -m workflow_scripts.methods.align --method {wildcards.method} --gex {input.gex} --img {input.img}"
+        " --seed {wildcards.seed} --params {params.train:q} --interface-folds {input.folds}"
+        " --n-outer {params.n_outer} --out-dir {output} --device {resources.device} --threads {threads} --log {log}"

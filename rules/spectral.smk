@@ -49,9 +49,10 @@ rule spectral_views:
         runtime=120,
     params:
         spectral=spectral_params(),
-        rows=lambda wc: "held_out" if "inductive" in PROTOCOLS and wc.method in INDUCTIVE_METHODS else "all",
+        rows=lambda wc: "held_out" if spectral_views_inductive(wc) else "all",
+        views=spectral_views_files,
     shell:
-        "python -m workflow_scripts.analysis.spectral views --views {input.views} --rows {params.rows}"
+        "python -m workflow_scripts.analysis.spectral views --views {params.views} --rows {params.rows}"
         " --spots {input.spots} --method {wildcards.method} --dataset {wildcards.dataset} --seed {wildcards.seed}"
         " --params {params.spectral:q} --out {output} --log {log}"
 

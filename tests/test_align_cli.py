@@ -141,3 +141,40 @@ def test_cli_fit_spots_writes_mask(tmp_path, tables):
     assert z["fit_mask"].tolist() == [i in set(expected[:30]) for i in z["spot_id"]]
     assert read_embedding(out["parquet"]).shape[0] == len(expected)
     assert "1 listed spots are not in the paired embeddings" in out["log"].read_text()
+
+
+def test_cli_interface_folds_trains_every_outer_fold_like_separate_runs(tmp_path, tables):
+    """--interface-folds trains each outer fold's interface in one process; each equals a run with --fit-spots."""
+    from workflow_scripts.evaluation.folds import FOLD_COLUMNS, INTERFACE_TASK
+
+    gex, img, expected = tables
+    fold = {s: int(s[1:]) % 3 for s in expected}  # three outer folds
+    rows = pd.DataFrame({"spot_id": expected, "task": INTERFACE_TASK, "fold": [fold[s] for s in expected],
+                         "group": "", "scheme": "group_donor", "outer": [fold[s] for s in expected],
+                         "buffer_folds": ""})
+    folds = tmp_path / "seed1.interface.tsv"
+    rows[FOLD_COLUMNS].to_csv(folds, sep="\t", index=False)
+    folds.with_suffix(".json").write_text("{}")
+    params = {"projection_dim": 4, "max_epochs": 2, "batch_size": 16}
+    base = ["--method", "simclr", "--gex", str(gex), "--img", str(img), "--seed", "1", "--params", json.dumps(params),
+            "--device", "cpu", "--threads", "1", "--no-progress"]
+    out_dir = tmp_path / "simclr" / "seed1"
+    assert align.main([*base, "--interface-folds", str(folds), "--n-outer", "3", "--out-dir", str(out_dir),
+                       "--log", str(tmp_path / "all.log")]) == 0
+    for k in range(3):
+        fit = pd.read_csv(out_dir / f"outer{k}.fit_spots.tsv", sep="\t")["spot_id"].tolist()
+        assert fit == [s for s in expected if fold[s] != k]
+        one = tmp_path / f"one{k}"
+        assert align.main([*base, "--fit-spots", str(out_dir / f"outer{k}.fit_spots.tsv"), "--out", f"{one}.parquet",
+                           "--model", f"{one}.pt", "--history", f"{one}.tsv", "--views", f"{one}.npz",
+                           "--log", f"{one}.log"]) == 0
+        np.testing.assert_array_equal(read_embedding(out_dir / f"outer{k}.parquet").to_numpy(),
+                                      read_embedding(f"{one}.parquet").to_numpy())
+        z = np.load(out_dir / f"outer{k}.views.npz")
+        assert z["fit_mask"].tolist() == [fold[s] != k for s in z["spot_id"]]
+        assert read_embedding_meta(out_dir / f"outer{k}.parquet")["outer"] == k
+    # the planned number of outer folds is checked
+    with pytest.raises(ValueError, match="planned 5"):
+        align.main([*base, "--interface-folds", str(folds), "--n-outer", "5", "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):  # --interface-folds writes into --out-dir only
+        align.main([*base, "--interface-folds", str(folds), "--out-dir", str(tmp_path / "y"), "--out", "z.parquet"])

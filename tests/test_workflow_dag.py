@@ -28,8 +28,8 @@ def test_all_default_config_has_every_stage(tmp_path):
     assert c["random_baseline"] == n_seeds
     # one fold table per protocol and seed, shared by every probe
     assert c["folds"] == n_protocols * n_seeds
-    # inductive: every trained method (not concat) once per seed and outer fold; HER2ST default = donors A, B, C
-    assert c["align_inductive"] == (n_methods - 1) * n_seeds * 3
+    # inductive: every trained method (not concat) once per seed, all outer folds in one job
+    assert c["align_inductive"] == (n_methods - 1) * n_seeds
     # one probe job per protocol × embedding × seed (a fused method's job also probes its controls)
     assert c["probe"] == n_emb * n_protocols
     assert c["spatial_probe"] == n_emb
@@ -42,19 +42,19 @@ def test_single_sis_target_builds_only_what_it_needs(tmp_path):
     c = dry(tmp_path, "results/sis/her2st.tsv")
     assert "spatial_probe" not in c and "collect_spatial" not in c
     assert not any(k.startswith("figure") for k in c)
-    assert c["sis"] == 1 and c["collect_probes"] == 1 and c["align"] == 30 and c["align_inductive"] == 81
+    assert c["sis"] == 1 and c["collect_probes"] == 1 and c["align"] == 30 and c["align_inductive"] == 27
 
 
 def test_small_config_dag(tmp_path):
     c = dry(tmp_path, "all", configfile=SMALL)
     # sections A1 and C2: two donors, two outer folds
     assert c["align"] == 10 and c["probe"] == 26 and c["embed"] == 2
-    assert c["align_inductive"] == 9 * 2 and c["folds"] == 2
+    assert c["align_inductive"] == 9 and c["folds"] == 2
 
 
 def test_one_method_one_seed_via_config_override(tmp_path):
     c = dry(tmp_path, "results/sis/her2st.tsv", configfile=SMALL, extra=("--config", "methods=[cca]", "baselines=[unimodal_gex,unimodal_img]"))
-    assert c["align"] == 1 and c["probe"] == 6 and "random_baseline" not in c and c["align_inductive"] == 2
+    assert c["align"] == 1 and c["probe"] == 6 and "random_baseline" not in c and c["align_inductive"] == 1
 
 
 def test_transductive_only_plans_no_inductive_job(tmp_path):
@@ -64,10 +64,15 @@ def test_transductive_only_plans_no_inductive_job(tmp_path):
 
 def test_outer_folds_follow_the_configured_donors(tmp_path):
     """Sections of one patient (A1 only): a single donor, so spatial blocks give probe.n_folds outer folds."""
-    c = dry(tmp_path, "results/sis/her2st.tsv", configfile=SMALL,
-            extra=("--config", "methods=[cca]", "baselines=[unimodal_gex,unimodal_img]",
-                   "datasets={'her2st': {'sections': ['A1']}}"))
-    assert c["align_inductive"] == 5
+    wd = workdir(tmp_path)
+    r = snakemake(wd, "results/sis/her2st.tsv", "--config", "methods=[cca]", "baselines=[unimodal_gex,unimodal_img]",
+                  "datasets={'her2st': {'sections': ['A1']}}", "-n", "--printshellcmds", configfile=SMALL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("--interface-folds") == 1 and "--n-outer 5 " in r.stdout
+    # the probe job reads the five interfaces' tables, in outer-fold order
+    probe = next(ln for ln in r.stdout.splitlines() if "evaluation.probes" in ln and "--name cca " in ln
+                 and "inductive/seed0.tsv" in ln)
+    assert [f"outer{k}.parquet" in probe for k in range(6)] == [True] * 5 + [False]
 
 
 def test_figures_rebuild_from_tables_only(tmp_path):
@@ -91,7 +96,7 @@ def test_seeds_methods_and_reader_keys_from_the_command_line(tmp_path):
     c = dry(tmp_path, "all", extra=("--config", "seeds=[0]", "methods=[cca,comm]",
                                      "datasets={her2st: {max_spots_per_slide: 40}}"))
     assert c["align"] == 2 and c["probe"] == 5 * 2 and c["random_baseline"] == 1 and c["prepare"] == 1
-    assert c["align_inductive"] == 2 * 3  # cca and comm on each of the donors A, B, C held out
+    assert c["align_inductive"] == 2  # cca and comm, each trained on the donors A, B, C held out in one job
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,22 @@ def check_train(rows: Rows, args) -> None:
                  + ("" if ok else "; non-finite Z3"))
         if dev.type == "cuda":
             rows.peak(f"{m} peak memory")
+        if m in ("comm", "dcca"):  # training.precision: bf16 (autocast of the objective) on the same data
+            try:
+                t0 = time.perf_counter()
+                r16 = fit_method(m, gex, img, {**params, "precision": "bf16"}, seed=0, device=str(dev), progress=False)
+                _sync(dev)
+                dt16 = time.perf_counter() - t0
+            except Exception as e:
+                rows.add(f"{m} bf16 training", "", "", "FAIL", f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+                continue
+            ok16 = np.isfinite(np.asarray(r16.z3)).all() and np.isfinite(r16.history["train_loss"]).all()
+            ran16 = len(r16.history)
+            rows.add(f"{m} bf16 epochs/s", f"{ran16 / dt16:.3g}", "epochs/s", "ok" if ok16 and ran16 else "FAIL",
+                     f"{ran16} epochs in {dt16:.2f} s, {dt / ran * ran16 / dt16:.2f}x the fp32 rate; last train loss "
+                     f"{r16.history['train_loss'].iloc[-1]:.4g} vs fp32 {res.history['train_loss'].iloc[-1]:.4g}"
+                     + ("" if ok16 else "; non-finite loss or Z3"))
 
 
 def check_mlm(rows: Rows, args) -> None:

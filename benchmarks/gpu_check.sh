@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU code path of the workflow, with random weights, in one run (about 3-5 minutes on one recent GPU;
 # budget 8): UNI2-h and Nicheformer extraction (items/s, peak GPU memory, bf16 against fp32), one training of
-# every fusion method (epochs/s) and a few steps of Nicheformer's masked-language-model post-training.
+# every fusion method (epochs/s; CoMM and DCCA again with training.precision bf16) and a few steps of
+# Nicheformer's masked-language-model post-training.
 # Each check runs in its own process (benchmarks/gpu_check.py) under a time limit, appends its rows to one TSV
 # and counts as failed on an exception, a non-finite result, a model off the device or bf16 embeddings that
 # drift from fp32. Exit status: the number of failed checks (0 = all passed).

@@ -133,7 +133,8 @@ def test_gpu_check_script_runs_on_cpu_tiny(tmp_path):
     items = set(t["item"])
     assert {"patches/s bf16", "cells/s fp32", "uni2h cosine bf16 vs fp32 (mean)", "comm epochs/s",
             "optimiser steps/s"} <= items
-    assert sum(i.endswith("epochs/s") for i in items) == 8  # every trained method
+    assert sum(i.endswith("epochs/s") and "bf16" not in i for i in items) == 8  # every trained method
+    assert {"comm bf16 epochs/s", "dcca bf16 epochs/s"} <= set(items)  # training.precision: bf16
 
 
 def test_every_rule_that_does_real_work_declares_a_benchmark_file():

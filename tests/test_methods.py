@@ -97,6 +97,21 @@ def test_training_lowers_the_objective(method, toy):
     assert res.state["best_val_loss_smooth"] == pytest.approx(h["val_loss_smooth"].min())
 
 
+@pytest.mark.parametrize("method", ["comm", "dcca", "simclr"])
+def test_bf16_training_lowers_the_objective_and_stays_near_fp32(method, toy):
+    """precision: bf16 computes the objective under bfloat16 autocast: it still trains, and its first-epoch losses
+    agree with fp32 to bfloat16 rounding (the weights start equal and stay fp32)."""
+    gex, img = toy
+    fp32 = fit_method(method, gex, img, params(method), seed=0, device="cpu", progress=False)
+    bf16 = fit_method(method, gex, img, {**params(method), "precision": "bf16"}, seed=0, device="cpu", progress=False)
+    h, h32 = bf16.history, fp32.history
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] and np.isfinite(bf16.z3).all()
+    assert h["train_loss"].iloc[0] == pytest.approx(h32["train_loss"].iloc[0], rel=0.02, abs=0.02)
+    assert bf16.z3.dtype == np.float32 and bf16.state["params"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        fit_method(method, gex, img, {**params(method), "precision": "fp16"}, seed=0, device="cpu", progress=False)
+
+
 def expected_z3_dim(method: str) -> int:
     k = min(P, D_IMG, D_GEX)
     return {"cca": 2 * k, "dcca": 2 * k, "comm": FAST["comm"]["embed_dim"], "concat": D_IMG + D_GEX,

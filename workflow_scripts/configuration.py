@@ -42,6 +42,7 @@ TRAINING_KEYS = (
     "val_fraction_unsupervised",
     "min_delta",
     "standardize",
+    "precision",
 )
 
 #: Each method's own parameters (``workflow_scripts.methods.METHOD_DEFAULTS[method]``); ``training.method_params.<m>``

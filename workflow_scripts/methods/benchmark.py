@@ -118,14 +118,16 @@ def benchmark_training(
     rng = np.random.default_rng(seed)
     steps_per_epoch = n // batch_size
     if warmup_steps:  # lazy initialisation, first-call kernel selection, allocator growth
-        run_epoch(model, opt, xi, xg, rng.permutation(n), batch_size, max_steps=warmup_steps)
+        run_epoch(model, opt, xi, xg, rng.permutation(n), batch_size, max_steps=warmup_steps,
+                  precision=p["precision"])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     steps = 0
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(int(epochs)):
-        steps += len(run_epoch(model, opt, xi, xg, rng.permutation(n), batch_size, max_steps=max_steps))
+        steps += len(run_epoch(model, opt, xi, xg, rng.permutation(n), batch_size, max_steps=max_steps,
+                               precision=p["precision"]))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -137,6 +139,7 @@ def benchmark_training(
         "d_gex": int(d_gex),
         "d_img": int(d_img),
         "batch_size": int(batch_size),
+        "precision": p["precision"],
         "steps_per_epoch": int(steps_per_epoch),
         "steps_timed": int(steps),
         "seconds": seconds,

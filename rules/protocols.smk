@@ -55,8 +55,9 @@ rule interface_folds:
 
 
 rule align_inductive:
-    """Train one fusion method on the training donors of every outer fold (inductive protocol), all folds of a method
-    and seed in one process, and embed every spot with each fold's interface (outer{k}.* in the output folder)."""
+    """Train one fusion method on the training donors of every outer fold (inductive protocol), all folds of a
+    method and seed in one process; each fold's interface embeds every spot (one folder of outer-fold files).
+    """
     input:
         gex=lambda wc: embedding_file(wc.dataset, "gex"),
         img=lambda wc: embedding_file(wc.dataset, "img"),

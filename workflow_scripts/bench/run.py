@@ -257,7 +257,8 @@ def stage_probes(data, adata, fast_too: bool = True, seed: int = 0) -> list[dict
         for m in ("macro_f1", "r2"))
     rows.append(t2.row("probes", "same folds, linear_fits at C = 1 (float32, warm starts, ridge LOO)",
                        ratio=t.wall / t2.wall, agree=agree,
-                       note="ratio = run_probes / this; macro-F1 differs by the tuned C (not at a single C = 1), R² should not"))
+                       note="ratio = run_probes / this; macro-F1 differs by the tuned C (not at a single C = 1), "
+                            "R² should not"))
     return rows
 
 

@@ -339,8 +339,9 @@ def fit_logreg_cv_fold(
     scoring=macro-F1, refit=True)`` (L2, multinomial; the C path is warm-started within each inner fold); predict
     the test part. With a single C (e.g. ``logreg_Cs: [1.0]``, the reference's probe) there is nothing to choose:
     one ``LogisticRegression(C)`` fit on the training part, no inner split (the cheap setting for lung-scale data).
-    The test part is never seen before the final prediction. Solver (:func:`logreg_solver`): Newton–Cholesky while the multinomial Hessian is small, else lbfgs; both minimise the same objective, the
-    Newton steps converge in a few iterations where lbfgs stalls on ill-conditioned features.
+    The test part is never seen before the final prediction. Solver (:func:`logreg_solver`): Newton–Cholesky
+    while the multinomial Hessian is small, else lbfgs; both minimise the same objective, the Newton steps converge
+    in a few iterations where lbfgs stalls on ill-conditioned features.
 
     Returns
     -------
@@ -363,28 +364,25 @@ def fit_logreg_cv_fold(
         log.info("%s: classes absent from the training part (their test spots score as errors): %s", what, unseen)
     scaler = StandardScaler().fit(X_train)
     Xtr, Xte, r = reduce_rank(scaler.transform(X_train), scaler.transform(X_test))
+    solver = logreg_solver(r, len(seen))
     if len(Cs) == 1:  # nothing to choose: one fit on the training part, no inner split
-        clf = LogisticRegression(C=float(Cs[0]), solver=logreg_solver(r, len(seen)), max_iter=int(max_iter))
-        clf.fit(Xtr, y_train)
-        value = macro_f1(y_test, clf.predict(Xte), classes)
-        return dict(value=value, C=float(Cs[0]), n_train=int(len(y_train)), n_test=int(len(y_test)),
-                    n_classes=len(classes), n_classes_test=len(in_test), n_classes_unseen=len(unseen),
-                    dim=int(X_train.shape[1]), rank=int(r))
-    if int(inner_folds) == 1:
-        inner = StratifiedShuffleSplit(1, test_size=0.25, random_state=int(random_state))
+        clf = LogisticRegression(C=float(Cs[0]), solver=solver, max_iter=int(max_iter))
     else:
-        k = int(min(inner_folds, np.bincount(np.unique(y_train, return_inverse=True)[1]).max()))
-        inner = StratifiedKFold(max(k, 2), shuffle=True, random_state=int(random_state))
-    clf = LogisticRegressionCV(
-        Cs=[float(c) for c in Cs], l1_ratios=(0.0,), cv=inner, solver=logreg_solver(r, len(seen)),
-        scoring=_inner_macro_f1, max_iter=int(max_iter), refit=True,
-        use_legacy_attributes=False,
-    )
+        if int(inner_folds) == 1:
+            inner = StratifiedShuffleSplit(1, test_size=0.25, random_state=int(random_state))
+        else:
+            k = int(min(inner_folds, np.bincount(np.unique(y_train, return_inverse=True)[1]).max()))
+            inner = StratifiedKFold(max(k, 2), shuffle=True, random_state=int(random_state))
+        clf = LogisticRegressionCV(
+            Cs=[float(c) for c in Cs], l1_ratios=(0.0,), cv=inner, solver=solver,
+            scoring=_inner_macro_f1, max_iter=int(max_iter), refit=True,
+            use_legacy_attributes=False,
+        )
     clf.fit(Xtr, y_train)
     value = macro_f1(y_test, clf.predict(Xte), classes)
-    return dict(value=value, C=float(clf.C_), n_train=int(len(y_train)), n_test=int(len(y_test)),
-                n_classes=len(classes), n_classes_test=len(in_test), n_classes_unseen=len(unseen),
-                dim=int(X_train.shape[1]), rank=int(r))
+    return dict(value=value, C=float(Cs[0]) if len(Cs) == 1 else float(clf.C_), n_train=int(len(y_train)),
+                n_test=int(len(y_test)), n_classes=len(classes), n_classes_test=len(in_test),
+                n_classes_unseen=len(unseen), dim=int(X_train.shape[1]), rank=int(r))
 
 
 def _inner_macro_f1(estimator, X: np.ndarray, y: np.ndarray) -> float:

@@ -17,7 +17,8 @@ Data: :func:`workflow_scripts.bench.synthetic.synthetic_dataset` at ``--scale`` 
     extrapolates the naive total from their mean; the scores of those fits are compared.
 ``probes``
     the 5-fold macro-F1 and R² probes of one embedding (IMG) as the workflow runs them
-    (:func:`workflow_scripts.evaluation.probes.run_probes`: C chosen by inner CV over ``probe.logreg_Cs``), and the
+    (:func:`workflow_scripts.evaluation.probes.run_probes`: C chosen by inner CV over the default grid, or the grid
+    of ``--logreg-cs``; one value = one fit per fold), and the
     same folds fitted at a fixed C = 1 with :mod:`workflow_scripts.evaluation.linear_fits` (the ring probes' fast
     path) for scale: the macro-F1 values differ by the C choice, the R² values should agree.
 ``align``
@@ -222,14 +223,16 @@ def stage_ring_probes(data, adata, naive_fits: int | None, seed: int = 0) -> lis
     return rows
 
 
-def stage_probes(data, adata, fast_too: bool = True, seed: int = 0) -> list[dict]:
+def stage_probes(data, adata, fast_too: bool = True, seed: int = 0, logreg_cs: Sequence[float] | None = None
+                 ) -> list[dict]:
     from ..evaluation import linear_fits as lf
     from ..evaluation.probes import DEFAULT_CS, cv_splits, run_probes, task_targets
 
+    params = {**PROBE_PARAMS, "logreg_Cs": list(logreg_cs or DEFAULT_CS)}
     emb = data.frame("img")
     with Timer() as t:
-        res = run_probes(emb, adata, TASKS, PROBE_PARAMS, seed)
-    grid = PROBE_PARAMS.get("logreg_Cs") or DEFAULT_CS
+        res = run_probes(emb, adata, TASKS, params, seed)
+    grid = params["logreg_Cs"]
     how = f"C by inner CV over {len(grid)} values" if len(grid) > 1 else f"one fit per fold at C = {grid[0]:g}"
     rows = [t.row("probes", f"run_probes as in the workflow ({how}, float64, RidgeCV)",
                   note="; ".join(f"{m} {g['value'].mean():.3f}" for m, g in res.groupby("metric")))]
@@ -376,9 +379,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             elif stage == "ring_probes":
                 rows += stage_ring_probes(data, adata, naive_fits, args.seed)
             elif stage == "probes":
-                if args.logreg_cs:
-                    PROBE_PARAMS["logreg_Cs"] = [float(c) for c in args.logreg_cs.split(",")]
-                rows += stage_probes(data, adata, seed=args.seed)
+                cs = [float(c) for c in args.logreg_cs.split(",")] if args.logreg_cs else None
+                rows += stage_probes(data, adata, seed=args.seed, logreg_cs=cs)
             elif stage == "align":
                 methods = [m.strip() for m in args.methods.split(",") if m.strip()]
                 rows += stage_align(data, methods, args.device, args.align_steps, args.mem_limit_gib, args.threads,

@@ -414,19 +414,6 @@ def _targets_for(adata: ad.AnnData, spec: Mapping, ids: pd.Index):
     return y[:, None] if y.ndim == 1 else y
 
 
-_CHANCE: dict[tuple[str, str], float] = {}
-
-
-def _fold_chance(task: str, split: str, y_train: np.ndarray, y_test: np.ndarray) -> float:
-    """Chance macro-F1 of one split (:func:`expected_macro_f1_from_labels`), computed once per (task, split_hash)
-    in a process: a fused method and its controls are scored on the same splits (about 1 s per split at lung
-    scale)."""
-    key = (task, split)
-    if key not in _CHANCE:
-        _CHANCE[key] = expected_macro_f1_from_labels(y_train, y_test)
-    return _CHANCE[key]
-
-
 def _nonlinear_row(common: dict, metric: str, chance: float, Xtr, ytr, Xte, yte, ttype: str, seed: int,
                    params: Mapping, what: str) -> dict:
     """One fold of the non-linear ceiling probe (:mod:`.nonlinear`), as a probe-table row with metric
@@ -547,7 +534,7 @@ def run_probes(
                 if res is None:
                     continue
                 rows.append(dict(common, metric="macro_f1", alpha=np.nan,
-                                 chance=_fold_chance(task, common["split_hash"], ytr, yte), **res))
+                                 chance=expected_macro_f1_from_labels(ytr, yte), **res))
                 if nonlinear is not None:
                     rows.append(_nonlinear_row(common, "macro_f1", rows[-1]["chance"], Xtr, ytr, Xte, yte, ttype,
                                                seed + fold, nonlinear, w))

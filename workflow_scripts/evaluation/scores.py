@@ -28,6 +28,7 @@ bootstrap of :mod:`workflow_scripts.evaluation.sis`.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -98,9 +99,16 @@ def expected_macro_f1_from_labels(y_train: np.ndarray, y_test: np.ndarray, label
     if labels is None:
         labels = np.intersect1d(np.unique(y_train), np.unique(y_test))
     labels = np.asarray(labels)
-    counts = np.array([(y_test == c).sum() for c in labels])
-    props = np.array([(y_train == c).sum() for c in labels], dtype=float)
-    return expected_macro_f1(counts, props)
+    counts = tuple(int((y_test == c).sum()) for c in labels)
+    train_counts = tuple(int((y_train == c).sum()) for c in labels)
+    return _expected_macro_f1_of_counts(counts, train_counts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expected_macro_f1_of_counts(test_counts: tuple[int, ...], train_counts: tuple[int, ...]) -> float:
+    """:func:`expected_macro_f1` memoised on the class counts (about 1 s per split at lung scale; a probe job scores
+    a fused method and its controls on the same splits, so the same counts recur)."""
+    return expected_macro_f1(test_counts, train_counts)
 
 
 def chance_corrected(score, chance):

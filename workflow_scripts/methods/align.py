@@ -73,14 +73,20 @@ def read_fit_mask(path: str | Path, ids: list[str]) -> np.ndarray:
         listed = pd.read_csv(path, sep="\t", dtype={"spot_id": str})["spot_id"].tolist()
     else:
         listed = lines
-    wanted = set(listed)
+    return fit_mask_of(listed, ids, f"--fit-spots {path}")
+
+
+def fit_mask_of(listed, ids: list[str], source: str) -> np.ndarray:
+    """Boolean mask over ``ids`` (n,) of the spot ids in ``listed``; listed ids absent from ``ids`` are counted in
+    the log. Raises ValueError naming ``source`` when none of them is among ``ids``."""
+    wanted = set(map(str, listed))
     mask = np.fromiter((i in wanted for i in ids), dtype=bool, count=len(ids))
     n_absent = len(wanted - set(ids))
     if n_absent:
-        log.warning("--fit-spots %s: %d listed spots are not in the paired embeddings and are ignored", path, n_absent)
+        log.warning("%s: %d listed spots are not in the paired embeddings and are ignored", source, n_absent)
     if not mask.any():
-        raise ValueError(f"--fit-spots {path}: none of its {len(wanted)} spot ids is in the paired embeddings")
-    log.info("fitting on %d of %d paired spots listed in %s", int(mask.sum()), len(ids), path)
+        raise ValueError(f"{source}: none of its {len(wanted)} spot ids is in the paired embeddings")
+    log.info("fitting on %d of %d paired spots listed in %s", int(mask.sum()), len(ids), source)
     return mask
 
 
@@ -189,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, fit_ids in folds.items():
         stem = out_dir / f"outer{k}"
-        fit_file = stem.with_name(f"outer{k}.fit_spots.tsv")
-        pd.DataFrame({"spot_id": fit_ids}).to_csv(fit_file, sep="\t", index=False)
-        log.info("outer fold %d of %d: interface fit on %d spots (%s)", k + 1, len(folds), len(fit_ids), fit_file)
-        fit_mask = read_fit_mask(fit_file, ids)
+        pd.DataFrame({"spot_id": fit_ids}).to_csv(f"{stem}.fit_spots.tsv", sep="\t", index=False)
+        log.info("outer fold %d (%d of %d): interface fit on %d spots", k, k + 1, len(folds), len(fit_ids))
+        fit_mask = fit_mask_of(fit_ids, ids, f"{args.interface_folds} outer fold {k}")
         res = fit_method(args.method, z_gex, z_img, params, args.seed, device=args.device,
                          progress=not args.no_progress, fit_mask=fit_mask)
         write_fit(res, ids, fit_mask, f"{stem}.parquet", f"{stem}.pt", f"{stem}.history.tsv", f"{stem}.views.npz",

@@ -4,6 +4,7 @@ benchmark collection; the GPU check script in its CPU/tiny mode."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -77,13 +78,18 @@ def test_bench_cli_prints_every_stage(tmp_path, capsys):
 
     out = tmp_path / "bench.tsv"
     df = main(["--scale", "0.005", "--stages", "rings,ring_probes,probes", "--naive-fits", "2", "--threads", "1",
-               "--out", str(out)])
+               "--logreg-cs", "1.0", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "machine:" in printed and "ring_probes" in printed
     t = pd.read_csv(out, sep="\t")
     assert list(t["stage"]) == ["data", "rings", "rings", "ring_probes", "ring_probes", "probes", "probes"]
     assert t.loc[1:, "wall_s"].gt(0).all() and t["peak_rss_gib"].gt(0).all()
     assert t.loc[2, "agree"] == "same pairs" and t.loc[[2, 4, 6], "ratio"].gt(0).all()
+    # the workflow's single-C probe (float32, unrotated full-rank folds, ridge leave-one-out) against the naive
+    # float64 fits on the same folds: R² equal to rounding, macro-F1 within the solver tolerance
+    f1_diff, r2_diff = (float(x) for x in re.findall(r"max \|Δ\| ([0-9.]+)", t.loc[6, "agree"]))
+    assert r2_diff < 1e-4 and f1_diff < 0.05
+    assert "4 of 10 folds timed" in t.loc[6, "variant"]
     assert df.shape[0] == 7
     with pytest.raises(SystemExit):
         main(["--stages", "nope"])

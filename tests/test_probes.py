@@ -284,6 +284,54 @@ def test_reduce_rank_leaves_the_logistic_probe_unchanged():
     np.testing.assert_allclose(full.decision_function(Xte), red.decision_function(Rte), atol=1e-5)
 
 
+def test_reduce_rank_large_data_path_keeps_full_rank_folds_unrotated():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 12))
+    Xtr, Xte, r = reduce_rank(X[:150], X[150:], keep_full_rank=True)
+    assert r == 12 and np.array_equal(Xtr, X[:150]) and np.array_equal(Xte, X[150:])  # the features themselves
+    Z = rng.normal(size=(200, 4))
+    low = Z @ rng.normal(size=(4, 30))  # rank 4 in 30 dimensions, more rows than columns: the QR route
+    a = reduce_rank(low[:150], low[150:], keep_full_rank=True)
+    b = reduce_rank(low[:150], low[150:])
+    assert a[2] == b[2] == 4 and a[0].shape == (150, 4)
+    # the same row space: equal Gram matrices of the coordinates (the bases differ by a rotation at most)
+    np.testing.assert_allclose(a[0] @ a[0].T, b[0] @ b[0].T, atol=1e-8)
+    np.testing.assert_allclose(a[1] @ a[0].T, b[1] @ b[0].T, atol=1e-8)
+
+
+def test_single_C_large_data_probe_matches_the_float64_rotated_fit():
+    """A single C with lbfgs on a full-rank fold: float32, unrotated; predictions as the float64 fit in the SVD
+    coordinates (the same strictly convex optimum, within the L-BFGS tolerance)."""
+    rng = np.random.default_rng(4)
+    n, d, k = 900, 300, 3  # (rank + 1) · classes = 903 > 800: lbfgs
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(k, d))[y] * 0.15 + rng.normal(size=(n, d))
+    labels = np.array(["a", "b", "c"])[y]
+    tr, te = np.arange(700), np.arange(700, n)
+    res = fit_logreg_cv_fold(X[tr], labels[tr], X[te], labels[te], ["a", "b", "c"], Cs=[1.0])
+    assert res["rank"] == d and res["C"] == 1.0
+    sc = StandardScaler().fit(X[tr])
+    A, B, r = reduce_rank(sc.transform(X[tr]), sc.transform(X[te]))
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit(A, labels[tr]).predict(B)
+    assert res["value"] == pytest.approx(macro_f1(labels[te], ref, ["a", "b", "c"]), abs=0.02)
+
+
+def test_ridge_probe_fold_equals_scaled_ridgecv():
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+
+    from workflow_scripts.evaluation.probes import DEFAULT_ALPHAS, fit_regressor_fold
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(160, 25)) * rng.uniform(0.1, 10, 25)
+    Y = X[:, :3] @ rng.normal(size=(3, 4)) * 0.2 + rng.normal(size=(160, 4))
+    res = fit_regressor_fold(X[:120], Y[:120], X[120:], Y[120:], DEFAULT_ALPHAS)
+    sc = StandardScaler().fit(X[:120])
+    ref = RidgeCV(alphas=DEFAULT_ALPHAS, scoring="r2").fit(sc.transform(X[:120]), Y[:120])
+    assert res["alpha"] == ref.alpha_
+    assert res["value"] == pytest.approx(r2_score(Y[120:], ref.predict(sc.transform(X[120:]))), abs=1e-10)
+
+
 def test_tuned_probe_records_C_and_scores_unseen_classes_as_errors(monkeypatch):
     rng = np.random.default_rng(1)
     n = 120

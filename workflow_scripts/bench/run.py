@@ -12,15 +12,15 @@ Data: :func:`workflow_scripts.bench.synthetic.synthetic_dataset` at ``--scale`` 
     spatial-ring probes of one embedding (IMG), ``region`` (macro-F1) and ``composition`` (R²), 8 rings × 5
     repeats: :func:`~workflow_scripts.evaluation.spatial_probe.run_spatial_probe` (float32, warm starts, ridge
     leave-one-out in the eigenbasis) against the naive fits, one unwarmed default-solver fit per ring and
-    repeat (:func:`workflow_scripts.evaluation.probes.fit_classifier_fold` / ``fit_regressor_fold``: float64,
-    ``RidgeCV``) on the same splits. ``--naive-fits K`` times only K fits per task (spread over the rings) and
+    repeat (:func:`workflow_scripts.evaluation.probes.fit_classifier_fold` / a standardised ``RidgeCV``:
+    float64) on the same splits. ``--naive-fits K`` times only K fits per task (spread over the rings) and
     extrapolates the naive total from their mean; the scores of those fits are compared.
 ``probes``
     the 5-fold macro-F1 and R² probes of one embedding (IMG) as the workflow runs them
     (:func:`workflow_scripts.evaluation.probes.run_probes`: C chosen by inner CV over the default grid, or the grid
-    of ``--logreg-cs``; one value = one fit per fold), and the
-    same folds fitted at a fixed C = 1 with :mod:`workflow_scripts.evaluation.linear_fits` (the ring probes' fast
-    path) for scale: the macro-F1 values differ by the C choice, the R² values should agree.
+    of ``--logreg-cs``; one value = one fit per fold) and, with one C, the same folds fitted the naive way
+    (:func:`naive_probe_fold`: float64, every fold rotated by a full SVD, cold L-BFGS, ``RidgeCV``; ``--naive-fits
+    K`` times the first K folds of each task and extrapolates); the scores of both are compared fold by fold.
 ``align``
     training speed of each method in epochs/s at batch 32 and at the largest batch that fits
     (:func:`workflow_scripts.methods.benchmark.benchmark_training` / ``largest_batch_size`` where the methods
@@ -150,17 +150,25 @@ def naive_ring_pairs(adata, edges_um: Sequence[float], block: int = 2048) -> lis
 
 def naive_ring_fit(prob, split: int, max_iter: int, alphas, seed: int) -> float | None:
     """One unwarmed default-solver fit of a ring problem's split (the previous implementation: float64,
-    :func:`~workflow_scripts.evaluation.probes.fit_classifier_fold` / ``fit_regressor_fold``)."""
-    from ..evaluation.probes import fit_classifier_fold, fit_regressor_fold
+    :func:`~workflow_scripts.evaluation.probes.fit_classifier_fold`, or a standardised ``RidgeCV(alphas,
+    scoring="r2")``, which does n·d² work per alpha)."""
+    from ..evaluation.probes import fit_classifier_fold
 
     tr, te = prob.splits[split]
     X = prob.X.astype(np.float64)
     if prob.classification:
         res = fit_classifier_fold(X[tr], prob.y[tr], X[te], prob.y[te], max_iter, seed, "naive", min_train=1,
                                   min_test=1)
-    else:
-        res = fit_regressor_fold(X[tr], prob.y[tr], X[te], prob.y[te], alphas, "naive", min_train=2, min_test=1)
-    return None if res is None else res["value"]
+        return None if res is None else res["value"]
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.preprocessing import StandardScaler
+
+    if len(tr) < 2 or len(te) < 1:
+        return None
+    sc = StandardScaler().fit(X[tr])
+    reg = RidgeCV(alphas=np.asarray(alphas, dtype=float), scoring="r2").fit(sc.transform(X[tr]), prob.y[tr])
+    return float(r2_score(prob.y[te], reg.predict(sc.transform(X[te])), multioutput="uniform_average"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,9 +231,36 @@ def stage_ring_probes(data, adata, naive_fits: int | None, seed: int = 0) -> lis
     return rows
 
 
-def stage_probes(data, adata, fast_too: bool = True, seed: int = 0, logreg_cs: Sequence[float] | None = None
-                 ) -> list[dict]:
-    from ..evaluation import linear_fits as lf
+def naive_probe_fold(X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, classification: bool, C: float,
+                     alphas, max_iter: int) -> float:
+    """One fold of the per-task probe as it was implemented before the large-data path: float64 throughout, the
+    training part always rotated into its row space by a full SVD, scikit-learn's ``LogisticRegression`` at ``C``
+    (solver as :func:`~workflow_scripts.evaluation.probes.logreg_solver`), ``RidgeCV(alphas, scoring="r2")``.
+    ``X`` (n, d), ``y`` (n,) labels or (n, k) targets, ``tr`` / ``te`` row indices. Returns macro-F1 (over the
+    classes of ``y``) or R²."""
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.preprocessing import StandardScaler
+
+    from ..evaluation.probes import logreg_solver, macro_f1, reduce_rank
+
+    X = np.asarray(X, dtype=np.float64)
+    sc = StandardScaler().fit(X[tr])
+    A, B = sc.transform(X[tr]), sc.transform(X[te])
+    if classification:
+        A, B, r = reduce_rank(A, B)
+        solver = logreg_solver(r, len(np.unique(y[tr])))
+        clf = LogisticRegression(C=float(C), solver=solver, max_iter=int(max_iter)).fit(A, y[tr])
+        return macro_f1(y[te], clf.predict(B), sorted(set(y)))
+    reg = RidgeCV(alphas=np.asarray(alphas, dtype=float), scoring="r2").fit(A, y[tr])
+    return float(r2_score(y[te], reg.predict(B), multioutput="uniform_average"))
+
+
+def stage_probes(data, adata, naive_folds: int | None = None, seed: int = 0,
+                 logreg_cs: Sequence[float] | None = None) -> list[dict]:
+    """The workflow's per-task probes of the IMG embedding, then (``naive_folds`` != 0, single C only) the same
+    folds with :func:`naive_probe_fold`; ``naive_folds`` = k times only the first k folds of each task and
+    extrapolates the naive total (× folds / k)."""
     from ..evaluation.probes import DEFAULT_CS, cv_splits, run_probes, task_targets
 
     params = {**PROBE_PARAMS, "logreg_Cs": list(logreg_cs or DEFAULT_CS)}
@@ -234,34 +269,33 @@ def stage_probes(data, adata, fast_too: bool = True, seed: int = 0, logreg_cs: S
         res = run_probes(emb, adata, TASKS, params, seed)
     grid = params["logreg_Cs"]
     how = f"C by inner CV over {len(grid)} values" if len(grid) > 1 else f"one fit per fold at C = {grid[0]:g}"
-    rows = [t.row("probes", f"run_probes as in the workflow ({how}, float64, RidgeCV)",
+    rows = [t.row("probes", f"run_probes as in the workflow ({how})",
                   note="; ".join(f"{m} {g['value'].mean():.3f}" for m, g in res.groupby("metric")))]
-    if not fast_too:
+    if naive_folds == 0 or len(grid) > 1:
         return rows
     X = data.img
     pos = pd.Series(np.arange(len(emb)), index=emb.index)
-    out = []
+    out, n_all = [], 0
     with Timer() as t2:
         for task, spec in TASKS.items():
             y = task_targets(adata, task, spec)
             idx = pos.loc[y.index].to_numpy()
             Xt, yv = X[idx], y.to_numpy()
-            warm = lf.WarmStart()
-            for tr, te in cv_splits(len(idx), None, PROBE_PARAMS, seed, what=task):
-                if spec["type"] == "classification":
-                    r = lf.fit_classifier_split(Xt, yv, tr, te, max_iter=2000, random_state=seed, warm=warm)
-                else:
-                    r = lf.fit_regressor_split(Xt, yv, tr, te, alphas=PROBE_PARAMS["ridge_alphas"])
-                out.append(("macro_f1" if spec["type"] == "classification" else "r2", r["value"]))
-    ref = res.sort_values(["task", "fold"])
-    fast = pd.DataFrame(out, columns=["metric", "value"])
+            splits = list(cv_splits(len(idx), None, PROBE_PARAMS, seed, what=task))
+            n_all += len(splits)
+            for f, (tr, te) in enumerate(splits[: naive_folds or len(splits)]):
+                v = naive_probe_fold(Xt, yv, tr, te, spec["type"] == "classification", grid[0],
+                                     PROBE_PARAMS["ridge_alphas"], PROBE_PARAMS["logreg_max_iter"])
+                out.append(("macro_f1" if spec["type"] == "classification" else "r2", f, v))
+    scale = n_all / len(out)
+    t2.wall, t2.cpu = t2.wall * scale, t2.cpu * scale
+    ref = res.set_index(["metric", "fold"])["value"]
     agree = "; ".join(
-        f"{m}: max |Δ| {np.abs(fast.loc[fast.metric == m, 'value'].to_numpy() - ref.loc[ref.metric == m, 'value'].to_numpy()).max():.4f}"
-        for m in ("macro_f1", "r2"))
-    rows.append(t2.row("probes", "same folds, linear_fits at C = 1 (float32, warm starts, ridge LOO)",
-                       ratio=t.wall / t2.wall, agree=agree,
-                       note="ratio = run_probes / this; macro-F1 differs by the tuned C (not at a single C = 1), "
-                            "R² should not"))
+        f"{m}: max |Δ| {max(abs(v - ref.loc[(m, f)]) for mm, f, v in out if mm == m):.4f}"
+        for m in ("macro_f1", "r2") if any(mm == m for mm, _, _ in out))
+    extra = "" if scale == 1 else f" ({len(out)} of {n_all} folds timed, extrapolated × {scale:.2g})"
+    rows.append(t2.row("probes", "naive: float64, SVD rotation of every fold, cold L-BFGS, RidgeCV" + extra,
+                       ratio=t2.wall / t.wall, agree=agree, note="ratio = naive / run_probes; the same folds"))
     return rows
 
 
@@ -335,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                     help="fraction of lung scale: spots × scale, dimensions × sqrt(scale) (tests: 0.01)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     ap.add_argument("--naive-fits", type=int, default=None,
-                    help="naive ring-probe fits timed per task (default all; 0 = no naive fits)")
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive comparators (rings and ring probes)")
+                    help="naive fits timed per task, ring probes: K fits, probes: the first K folds (default all; "
+                         "0 = none)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive comparators of every stage")
     ap.add_argument("--threads", type=int, default=None, help="BLAS/torch threads (default: the libraries' own)")
     ap.add_argument("--methods", default="comm,simclr,byol,simsiam,barlow_twins,vicreg,dim,dcca",
                     help="methods of the align stage")
@@ -380,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                 rows += stage_ring_probes(data, adata, naive_fits, args.seed)
             elif stage == "probes":
                 cs = [float(c) for c in args.logreg_cs.split(",")] if args.logreg_cs else None
-                rows += stage_probes(data, adata, seed=args.seed, logreg_cs=cs)
+                rows += stage_probes(data, adata, naive_fits, args.seed, logreg_cs=cs)
             elif stage == "align":
                 methods = [m.strip() for m in args.methods.split(",") if m.strip()]
                 rows += stage_align(data, methods, args.device, args.align_steps, args.mem_limit_gib, args.threads,

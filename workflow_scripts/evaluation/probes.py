@@ -12,9 +12,10 @@ task's spots and its class set come from the fold table of the dataset, protocol
   macro-F1 on the test part over the task's fixed class set (:func:`macro_f1`). The reference fits C = 1
   (docs/reference.md#probes); a fixed C rewards or penalises an embedding for its dimension and scale, whatever
   it encodes (docs/evaluation.md#probes).
-* **regression** (``type: regression, obsm: <obsm key>``): ``StandardScaler`` → ``RidgeCV(alphas,
-  scoring="r2")`` (efficient leave-one-out choice of one alpha for all outputs on the training part) → R² on the
-  test part, uniform average over the outputs (as in the reference, docs/reference.md#probes).
+* **regression** (``type: regression, obsm: <obsm key>``): ``StandardScaler`` → ridge regression with one alpha
+  for all outputs chosen by efficient leave-one-out on the training part, the criterion of ``RidgeCV(alphas,
+  scoring="r2")`` (computed by :func:`workflow_scripts.evaluation.linear_fits.ridge_loo`) → R² on the test part,
+  uniform average over the outputs (as in the reference, docs/reference.md#probes).
 
 Before the logistic fits the standardised training part is replaced by its coordinates in its own row space
 (:func:`reduce_rank`): an L2-penalised linear model's weights lie in that space, so the fitted probe and its
@@ -47,7 +48,7 @@ from typing import Mapping, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import f1_score, r2_score
 from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
@@ -264,10 +265,12 @@ def fit_regressor_fold(
     X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
     alphas: Sequence[float], what: str = "fold", min_train: int = MIN_TRAIN, min_test: int = MIN_TEST,
 ) -> dict | None:
-    """Scaled RidgeCV probe on one split; R² on the test part, uniform average over outputs.
+    """Scaled ridge probe on one split; R² on the test part, uniform average over outputs.
 
-    ``X_*``: (n, d); ``y_*``: (n, k). Alpha chosen by efficient leave-one-out on the training part
-    (``RidgeCV(alphas, scoring="r2")``, one alpha for all outputs; docs/reference.md#probes).
+    ``X_*``: (n, d); ``y_*``: (n, k). Alpha chosen by efficient leave-one-out on the training part, one alpha for
+    all outputs, exactly as ``RidgeCV(alphas, scoring="r2")`` chooses it (docs/reference.md#probes), computed by
+    :func:`workflow_scripts.evaluation.linear_fits.ridge_loo` in float64: one eigendecomposition of ``XᵀX`` for
+    all alphas instead of n·d² work per alpha (same alpha, coefficients equal to rounding; tested).
     Returns ``{value, n_train, n_test, alpha}`` or None (logged) with < ``min_train`` (10) train or
     < ``min_test`` (5) test rows.
     """
@@ -275,12 +278,13 @@ def fit_regressor_fold(
         log.warning("%s: %d train / %d test rows (need >= %d / %d); skipped",
                     what, len(X_train), len(X_test), min_train, min_test)
         return None
+    from .linear_fits import ridge_loo
+
     scaler = StandardScaler().fit(X_train)
-    reg = RidgeCV(alphas=np.asarray(alphas, dtype=float), scoring="r2")
-    reg.fit(scaler.transform(X_train), y_train)
-    pred = reg.predict(scaler.transform(X_test))
+    fit = ridge_loo(scaler.transform(X_train), np.asarray(y_train, dtype=np.float64), alphas, overwrite_x=True)
+    pred = fit.predict(scaler.transform(X_test))
     r2 = r2_score(y_test, pred, multioutput="uniform_average")
-    return dict(value=float(r2), n_train=len(X_train), n_test=len(X_test), alpha=float(reg.alpha_))
+    return dict(value=float(r2), n_train=len(X_train), n_test=len(X_test), alpha=float(fit.alpha))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,7 +303,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> 
         return float(f1_score(y_true, y_pred, labels=list(classes), average="macro", zero_division=np.nan))
 
 
-def reduce_rank(X_train: np.ndarray, X_test: np.ndarray, rtol: float = RANK_RTOL) -> tuple[np.ndarray, np.ndarray, int]:
+def reduce_rank(X_train: np.ndarray, X_test: np.ndarray, rtol: float = RANK_RTOL, keep_full_rank: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, int]:
     """Coordinates of the training and test rows in the row space of ``X_train``.
 
     ``X_train = U S Vᵀ`` (thin SVD); with r the number of singular values > ``rtol`` · the largest, returns
@@ -309,11 +314,26 @@ def reduce_rank(X_train: np.ndarray, X_test: np.ndarray, rtol: float = RANK_RTOL
     weights β and predicting ``X_test V_r β`` is the same model and the same predictions (representer theorem:
     Schölkopf, Herbrich & Smola 2001, COLT, doi:10.1007/3-540-44581-1_27). Directions below ``rtol`` carry only
     the rounding noise of the float32 embedding tables.
+
+    ``keep_full_rank=True`` (the large-data path of the single-C probe): with more rows than columns the singular
+    values and ``V`` come from the d × d factor R of ``X_train = QR`` (``scipy.linalg.qr``), which has the same
+    singular values and right singular vectors, so no n × d factor U is formed; and when r = d the row space is
+    the whole feature space, ``V`` is a mere rotation, and the inputs are returned unrotated (float64), the same
+    model in the original coordinates.
     """
-    _, s, vt = np.linalg.svd(np.asarray(X_train, dtype=np.float64), full_matrices=False)
+    X = np.asarray(X_train, dtype=np.float64)
+    n, d = X.shape
+    if keep_full_rank and n > d:
+        from scipy.linalg import qr
+
+        _, s, vt = np.linalg.svd(qr(X, mode="r", check_finite=False)[0][:d], full_matrices=False)
+    else:
+        _, s, vt = np.linalg.svd(X, full_matrices=False)
     if len(s) == 0 or s[0] == 0:
         return np.zeros((len(X_train), 0)), np.zeros((len(X_test), 0)), 0
     r = int((s > rtol * s[0]).sum())
+    if keep_full_rank and r == d:
+        return X, np.asarray(X_test, dtype=np.float64), r
     v = vt[:r].T
     return X_train @ v, np.asarray(X_test, dtype=np.float64) @ v, r
 
@@ -338,7 +358,10 @@ def fit_logreg_cv_fold(
     Steps: ``StandardScaler`` fit on the training part; :func:`reduce_rank`; ``LogisticRegressionCV(Cs, cv=inner,
     scoring=macro-F1, refit=True)`` (L2, multinomial; the C path is warm-started within each inner fold); predict
     the test part. With a single C (e.g. ``logreg_Cs: [1.0]``, the reference's probe) there is nothing to choose:
-    one ``LogisticRegression(C)`` fit on the training part, no inner split (the cheap setting for lung-scale data).
+    one ``LogisticRegression(C)`` fit on the training part, no inner split (the cheap setting for lung-scale data);
+    a full-rank fold is then fit in its own coordinates (``reduce_rank(keep_full_rank=True)``) and, with lbfgs, on
+    float32 features, which scikit-learn keeps in float32 (half the time per iteration; the optimum moves within
+    the solver tolerance, BENCHMARKS.md).
     The test part is never seen before the final prediction. Solver (:func:`logreg_solver`): Newton–Cholesky
     while the multinomial Hessian is small, else lbfgs; both minimise the same objective, the Newton steps converge
     in a few iterations where lbfgs stalls on ill-conditioned features.
@@ -363,10 +386,13 @@ def fit_logreg_cv_fold(
     if unseen:
         log.info("%s: classes absent from the training part (their test spots score as errors): %s", what, unseen)
     scaler = StandardScaler().fit(X_train)
-    Xtr, Xte, r = reduce_rank(scaler.transform(X_train), scaler.transform(X_test))
+    single = len(Cs) == 1
+    Xtr, Xte, r = reduce_rank(scaler.transform(X_train), scaler.transform(X_test), keep_full_rank=single)
     solver = logreg_solver(r, len(seen))
-    if len(Cs) == 1:  # nothing to choose: one fit on the training part, no inner split
+    if single:  # nothing to choose: one fit on the training part, no inner split
         clf = LogisticRegression(C=float(Cs[0]), solver=solver, max_iter=int(max_iter))
+        if solver == "lbfgs" and r == X_train.shape[1]:  # large data: float32 products (docstring above)
+            Xtr, Xte = Xtr.astype(np.float32), Xte.astype(np.float32)
     else:
         if int(inner_folds) == 1:
             inner = StratifiedShuffleSplit(1, test_size=0.25, random_state=int(random_state))

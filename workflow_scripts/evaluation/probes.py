@@ -406,7 +406,7 @@ def fit_logreg_cv_fold(
         )
     clf.fit(Xtr, y_train)
     value = macro_f1(y_test, clf.predict(Xte), classes)
-    return dict(value=value, C=float(Cs[0]) if len(Cs) == 1 else float(clf.C_), n_train=int(len(y_train)),
+    return dict(value=value, C=float(Cs[0]) if single else float(clf.C_), n_train=int(len(y_train)),
                 n_test=int(len(y_test)), n_classes=len(classes), n_classes_test=len(in_test),
                 n_classes_unseen=len(unseen), dim=int(X_train.shape[1]), rank=int(r))
 

@@ -6,8 +6,8 @@ an interval where one is given, the expectation in words and whether it holds. T
 * ``pid``: planted vs estimated BROJA term (redundancy, unique_gex, unique_img, synergy; bits) of the unimodal pair;
   holds when |estimate − planted| ≤ ``tol_bits``.
 * ``gain``: absolute gain of concat (and every other fused embedding; not the controls) over the best unimodal
-  score, on a task whose planted synergy is ~0 (< ``zero_bits``); expected within noise: the interval contains 0 when an interval is given,
-  else |gain| ≤ ``tol_gain``.
+  score, on a task whose planted synergy is ~0 (< ``zero_bits``); expected within noise: the interval contains 0
+  when an interval is given, else |gain| ≤ ``tol_gain``.
 * ``chance``: the chance-corrected score (:mod:`workflow_scripts.evaluation.scores`; R² as is) of the unimodal
   embeddings, concat and tensor_fusion on a task whose planted information is mostly synergy (≥ 50 % of I(Y; X1,
   X2)): unimodal and concat at chance (|score| ≤ ``tol_chance``), tensor_fusion well above (≥ ``min_control``).
